@@ -1,0 +1,311 @@
+"""A decoder-only transformer (GPT-2 and Llama families) over a ragged batch.
+
+Notation: T = new tokens in the batch (all sequences concatenated),
+B = sequences, H = n_head, KV = n_kv_head, hd = head_dim, C = n_embd,
+L = keys in a sequence's context.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.kv_cache import ForwardBatch, KVCache
+
+
+class WeightsError(ValueError):
+    """A state dict that does not fit the model: names the offending key."""
+
+
+class Norm(nn.Module):
+    """LayerNorm (gpt2) or RMSNorm (llama), computed like the reference."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.rms = config.rmsnorm
+        self.eps = config.norm_eps
+        self.weight = nn.Parameter(torch.ones(config.n_embd))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(config.n_embd))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rms:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama convention). x: (T, heads, hd)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head: int = config.n_kv_head  # type: ignore[assignment]
+        self.head_dim: int = config.head_dim  # type: ignore[assignment]
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        # q, k and v in one matmul: one kernel launch instead of three.
+        self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.attn_bias)
+        self.proj = nn.Linear(self.q_size, config.n_embd, bias=config.attn_bias)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(
+        self,
+        x: Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        layer: int,
+        rope: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(t, self.n_head, self.head_dim)  # (T, H, hd)
+        k = k.view(t, self.n_kv_head, self.head_dim)  # (T, KV, hd)
+        v = v.view(t, self.n_kv_head, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            kv_cache.write(layer, k, v, batch.slot_mapping)  # type: ignore[arg-type]
+        if kv_cache is not None and batch.is_decode:
+            y = self._decode(q, batch, kv_cache, layer)
+        else:
+            y = self._per_sequence(q, k, v, batch, kv_cache, layer)
+        return self.proj(y.reshape(t, self.q_size))
+
+    def _decode(self, q: Tensor, batch: ForwardBatch, kv_cache: KVCache, layer: int) -> Tensor:
+        """One new token per sequence: one batched call over the gathered blocks."""
+        k, v = kv_cache.gather(layer, batch.block_tables)  # type: ignore[arg-type]  # (B, L, KV, hd)
+        keys = torch.arange(k.shape[1], device=q.device)
+        mask = keys[None, :] < batch.context_lens[:, None]  # (B, L)
+        y = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # (B, H, 1, hd)
+            k.transpose(1, 2),  # (B, KV, L, hd)
+            v.transpose(1, 2),
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=self.n_head != self.n_kv_head,
+        )  # (B, H, 1, hd)
+        return y.squeeze(2)
+
+    def _per_sequence(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> Tensor:
+        """Prefill chunks (and any mixed batch): one attention call per sequence."""
+        out = torch.empty_like(q)
+        row = 0
+        for i, (qlen, start) in enumerate(zip(batch.query_lens, batch.start_pos, strict=True)):
+            qi = q[row : row + qlen].transpose(0, 1).unsqueeze(0)  # (1, H, qlen, hd)
+            mask = None
+            if start == 0:
+                # Nothing cached before this chunk: attend to the fresh keys, causally.
+                ki, vi = k[row : row + qlen], v[row : row + qlen]
+            elif kv_cache is None:
+                raise ValueError("a sequence that starts past position 0 needs a KV cache")
+            else:
+                ctx = start + qlen
+                kc, vc = kv_cache.gather(layer, batch.block_tables[i : i + 1])  # type: ignore[index]
+                ki, vi = kc[0, :ctx], vc[0, :ctx]  # (ctx, KV, hd)
+                qpos = torch.arange(start, ctx, device=q.device)
+                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (qlen, ctx)
+            yi = F.scaled_dot_product_attention(
+                qi,
+                ki.transpose(0, 1).unsqueeze(0),  # (1, KV, L, hd)
+                vi.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask,
+                is_causal=mask is None,
+                scale=self.scale,
+                enable_gqa=self.n_head != self.n_kv_head,
+            )  # (1, H, qlen, hd)
+            out[row : row + qlen] = yi[0].transpose(0, 1)
+            row += qlen
+        return out
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        inner: int = config.intermediate_size  # type: ignore[assignment]
+        self.gated = config.gated_mlp
+        self.activation = config.activation
+        # SwiGLU: gate and up projections fused into one matmul, gate first.
+        self.fc = nn.Linear(config.n_embd, 2 * inner if self.gated else inner, bias=config.mlp_bias)
+        self.proj = nn.Linear(inner, config.n_embd, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
+        return self.proj(F.gelu(h, approximate=approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = Norm(config)
+        self.attn = Attention(config)
+        self.mlp_norm = Norm(config)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        layer: int,
+        rope: tuple[Tensor, Tensor] | None,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), batch, kv_cache, layer, rope)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    rope_cos: Tensor | None
+    rope_sin: Tensor | None
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.learned_positions else None
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = Norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.rope_cos = self.rope_sin = None
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        config: ModelConfig,
+        state_dict: Mapping[str, Tensor],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> GPT:
+        """Build on the meta device and assign the given tensors: no init, no copy twice.
+
+        Every expected key must be present with its exact shape and no key may be
+        left over; the error names the key. With tied embeddings ``lm_head.weight``
+        may be omitted (it is ``wte.weight``).
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        expected = dict(model.named_parameters())  # tied weights appear once, as wte.weight
+        extra = sorted(set(state_dict) - set(expected) - {"lm_head.weight"})
+        if extra:
+            raise WeightsError(f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+        for name, param in expected.items():
+            if name not in state_dict:
+                raise WeightsError(f"missing tensor {name!r}")
+            tensor = state_dict[name]
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise WeightsError(
+                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            owner, _, attr = name.rpartition(".")
+            new = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
+            setattr(model.get_submodule(owner), attr, new)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.wte.weight
+        elif "lm_head.weight" not in state_dict:
+            raise WeightsError("missing tensor 'lm_head.weight' (embeddings are not tied)")
+        model._init_rope(torch.device(device))
+        return model.eval()
+
+    @classmethod
+    def random(
+        cls,
+        config: ModelConfig,
+        seed: int = 0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> GPT:
+        """A randomly initialised model, for tests and benchmarks of the machinery."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            shapes = {n: p.shape for n, p in cls(config).named_parameters()}
+        state = {}
+        for name, shape in shapes.items():
+            if name.endswith("norm.weight"):
+                state[name] = torch.ones(shape)
+            elif name.endswith("bias"):
+                state[name] = torch.randn(shape, generator=gen) * 0.02
+            else:
+                state[name] = torch.randn(shape, generator=gen) * 0.05
+        return cls.from_state_dict(config, state, dtype=dtype, device=device)
+
+    def _init_rope(self, device: torch.device) -> None:
+        if self.config.learned_positions:
+            return
+        hd: int = self.config.head_dim  # type: ignore[assignment]
+        inv_freq = 1.0 / (
+            self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+        )
+        pos = torch.arange(self.config.block_size, device=device).float()
+        freqs = torch.outer(pos, inv_freq)  # (block_size, hd / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
+        dtype = self.wte.weight.dtype
+        self.rope_cos = emb.cos().to(dtype)
+        self.rope_sin = emb.sin().to(dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.wte.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # -- forward ----------------------------------------------------------------------
+
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> Tensor:
+        """Logits (N, vocab) for ``batch.logits_indices``, or with ``return_hidden``
+        the final normalised hidden states of every new token (T, C).
+
+        With a cache, keys and values of the new tokens are written to their slots
+        and attention reads each sequence's context through its block table.
+        Without one, every sequence must start at position 0.
+        """
+        end = max(s + q for s, q in zip(batch.start_pos, batch.query_lens, strict=True))
+        if end > self.config.block_size:
+            raise ValueError(f"position {end - 1} is past the context of {self.config.block_size} tokens")
+        x = self.wte(batch.input_ids)  # (T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(batch.positions)
+        else:
+            assert self.rope_cos is not None and self.rope_sin is not None  # set at construction
+            rope = (self.rope_cos[batch.positions][:, None, :], self.rope_sin[batch.positions][:, None, :])
+        for i, block in enumerate(self.layers):
+            x = block(x, batch, kv_cache, i, rope)
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        # Only the positions asked for go through the (large) vocabulary projection.
+        return self.lm_head(x[batch.logits_indices])  # (N, vocab)

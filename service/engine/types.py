@@ -1,0 +1,187 @@
+"""The engine's interface: request and event types, errors, and the client protocol.
+
+These are plain dataclasses. The HTTP layer converts its pydantic models into
+them; the engine never sees pydantic, FastAPI or Starlette objects.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+Pooling = Literal["mean", "last"]
+
+
+@dataclass
+class SamplingParams:
+    """Per-request generation parameters. The HTTP layer bounds every number."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)  # never emitted
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None  # None: the engine draws one
+    logprobs: int | None = None  # None: none; n: the chosen token's plus the top n
+    ignore_eos: bool = False
+
+
+@dataclass
+class GenerateRequest:
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass
+class GenerateEvent:
+    """What one engine step produced for one request.
+
+    ``text`` is a valid UTF-8 delta (possibly empty while a multi-byte
+    character or a possible stop string is held back). The last event of a
+    request has ``finish_reason`` and ``usage`` set.
+    """
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None  # the stop string or token id that ended it
+    usage: Usage | None = None
+
+
+@dataclass
+class EmbedResult:
+    embeddings: list[list[float]]
+    prompt_tokens: int
+
+
+# -- errors -------------------------------------------------------------------------
+
+
+class EngineError(Exception):
+    """Base of everything the engine raises on purpose."""
+
+
+class RequestError(EngineError):
+    """A problem with one request; the engine and other requests are fine."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class BadRequest(RequestError):
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(BadRequest):
+    """Prompt plus max_tokens does not fit the context; the message names both numbers."""
+
+    code = "context_length_exceeded"
+
+    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        super().__init__(
+            f"this model's context is {context} tokens, but the prompt has {prompt_tokens} tokens "
+            f"and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all)",
+            param="prompt",
+        )
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        self.context = context
+
+
+class QueueFull(RequestError):
+    """The waiting queue is at its bound; retry after ``retry_after`` seconds."""
+
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RequestAborted(RequestError):
+    code = "aborted"
+
+
+class EngineUnavailable(EngineError):
+    """Not started yet, or draining: new requests are refused (HTTP 503)."""
+
+
+class EngineDead(EngineError):
+    """The engine loop died; the process should be restarted by its supervisor."""
+
+
+# -- the interface the HTTP layer uses ---------------------------------------------
+
+
+class TokenizerLike(Protocol):
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str: ...
+
+
+class EngineClient(Protocol):
+    model_name: str
+    max_model_len: int
+
+    @property
+    def tokenizer(self) -> TokenizerLike: ...
+
+    def start(self) -> None: ...
+
+    async def stop(self, drain_timeout: float = 30.0) -> None: ...
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize off the event loop."""
+        ...
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+
+    async def embed(
+        self, inputs: Sequence[str | Sequence[int]], pooling: Pooling = "mean", normalize: bool = True
+    ) -> EmbedResult: ...
+
+    def abort(self, request_id: str) -> None: ...
+
+    def check_health(self) -> None:
+        """Raise EngineDead if the loop has died."""
+        ...

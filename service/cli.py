@@ -1,0 +1,102 @@
+"""The `gptserve` command: serve, generate, info, bench."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from model.generate import generate
+    from model.loading import load_model
+    from model.sampling import SamplingBatch, SamplingRow, sample
+    from model.tokenizer import Tokenizer
+
+    loaded = load_model(args.model, device=args.device)
+    tokenizer = Tokenizer.from_path(loaded.path)
+    prompt = args.prompt
+    if args.chat:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+        ids = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        ids = tokenizer.encode(prompt)
+    seed = args.seed if args.seed is not None else time.time_ns() % (2**31)
+    step = 0
+
+    def pick(logits):  # type: ignore[no-untyped-def]
+        nonlocal step
+        row = SamplingRow(temperature=args.temperature, seed=seed, step=step)
+        step += 1
+        batch = SamplingBatch.build([row], loaded.config.vocab_size, logits.device)
+        return int(sample(logits[None, :], batch).token_ids[0])
+
+    detok = tokenizer.detokenizer()
+    stop_ids = frozenset() if args.ignore_eos else tokenizer.eos_token_ids
+    for token in generate(loaded.model, ids, args.max_tokens, pick=pick, stop_ids=stop_ids):
+        if token in stop_ids:
+            break
+        sys.stdout.write(detok.push(token))
+        sys.stdout.flush()
+    sys.stdout.write(detok.flush() + "\n")
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from model.loading import load_model
+
+    start = time.perf_counter()
+    loaded = load_model(args.model, device=args.device)
+    info = {
+        "name": loaded.name,
+        "path": str(loaded.path),
+        "parameters": loaded.model.num_params(),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "device": str(loaded.model.device),
+        "load_seconds": round(time.perf_counter() - start, 3),
+        "config": loaded.config.to_dict(),
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF directory or .gguf file")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # serve and bench own their flags; hand them the rest of the command line.
+    if argv and argv[0] == "serve":
+        from service.api.server import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "bench":
+        from bench.cli import main as bench_main
+
+        return bench_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="gptserve", description="GPT inference server")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="serve a model over HTTP (see `gptserve serve --help`)")
+    sub.add_parser("bench", help="benchmark an OpenAI-compatible server (see `gptserve bench --help`)")
+    gen = sub.add_parser("generate", help="stream a completion to stdout")
+    _add_model_args(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.set_defaults(func=_cmd_generate)
+    info = sub.add_parser("info", help="print a model's config, parameter count and dtype")
+    _add_model_args(info)
+    info.set_defaults(func=_cmd_info)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

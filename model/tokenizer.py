@@ -1,0 +1,560 @@
+"""Tokenizer, chat template and incremental detokenizer.
+
+One `Tokenizer` wraps a `tokenizers.Tokenizer` (Rust, fast) loaded from either
+a Hugging Face checkpoint directory (`tokenizer.json`, optionally
+`tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`) or a
+GGUF file, whose vocabulary and merges are turned into a byte-level BPE
+directly. Only byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM, ...)
+are supported: the detokenizer works on the raw bytes of each token.
+
+Chat templates are rendered the way `transformers` renders them (sandboxed
+Jinja, `trim_blocks`/`lstrip_blocks`, `raise_exception`, `strftime_now`, a
+`tojson` that does not escape HTML). A checkpoint without a template gets
+`DEFAULT_CHAT_TEMPLATE` (ChatML).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import mmap
+import struct
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import jinja2
+import jinja2.ext
+import numpy as np
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as _Backend
+from tokenizers.models import BPE
+
+logger = logging.getLogger(__name__)
+
+# Used when a checkpoint ships no template: ChatML, which most small chat models
+# (SmolLM, Qwen) were tuned on and which needs no special-token names.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Special tokens that end a turn in the chat formats we know. Generation must
+# stop on them even when the checkpoint names another token as its EOS.
+_END_OF_TURN_TOKENS = (
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+)
+
+# llama.cpp token types (tokenizer.ggml.token_type).
+_CONTROL, _USER_DEFINED = 3, 4
+
+# Pre-tokenizer split regexes by `tokenizer.ggml.pre`, as the models define them.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_PRE_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _QWEN2_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4"), _GPT4O_SPLIT),
+}
+# These use GPT-2's own regex (the ByteLevel pre-tokenizer's); no warning for them.
+_GPT2_LIKE_PRE = frozenset({"default", "gpt-2", "gpt2", "smollm"})
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing or malformed, or a chat template failed."""
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's byte-to-unicode table: printable bytes stand for themselves, the
+    rest are shifted to code points from 256 up, so every token is printable text."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table = {b: chr(b) for b in printable}
+    shifted = (b for b in range(256) if b not in table)
+    table.update({b: chr(256 + i) for i, b in enumerate(shifted)})
+    return table
+
+
+_BYTE_TO_CHAR = _byte_to_char()
+_CHAR_TO_BYTE = {c: b for b, c in _BYTE_TO_CHAR.items()}
+_BYTE_ALPHABET = frozenset(_CHAR_TO_BYTE)
+
+
+class Tokenizer:
+    """Text <-> token ids, special tokens, the chat template. Thread-safe for reads."""
+
+    def __init__(
+        self,
+        backend: _Backend,
+        *,
+        source: str,
+        bos_token_id: int | None,
+        eos_token_id: int | None,
+        extra_eos_ids: Sequence[int] = (),
+        chat_template: str | None,
+        add_bos: bool,
+        add_eos: bool = False,
+    ) -> None:
+        if not isinstance(backend.decoder, decoders.ByteLevel):
+            raise TokenizerError(f"{source}: only byte-level BPE tokenizers are supported")
+        self._backend = backend
+        self.source = source
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.add_bos = add_bos and bos_token_id is not None
+        # what encode(add_special_tokens=True) puts around the text
+        self._prefix = [bos_token_id] if self.add_bos and bos_token_id is not None else []
+        self._suffix = [eos_token_id] if add_eos and eos_token_id is not None else []
+        added = backend.get_added_tokens_decoder()
+        self.special_token_ids = frozenset(i for i, tok in added.items() if tok.special)
+        self.eos_token_ids = self._end_ids(extra_eos_ids)
+        self.chat_template = chat_template
+        self._template = _compile_template(chat_template or DEFAULT_CHAT_TEMPLATE, source)
+        self._token_bytes: dict[int, bytes] = {}
+
+    def _end_ids(self, extra_eos_ids: Sequence[int]) -> frozenset[int]:
+        ids = {i for i in extra_eos_ids if 0 <= i < self.vocab_size}
+        if self.eos_token_id is not None:
+            ids.add(self.eos_token_id)
+        for name in _END_OF_TURN_TOKENS:
+            token_id = self._backend.token_to_id(name)
+            if token_id is not None and token_id in self.special_token_ids:
+                ids.add(token_id)
+        return frozenset(ids)
+
+    # -- loading ---------------------------------------------------------------
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> Tokenizer:
+        """A checkpoint directory or a `.gguf` file."""
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_dir(path)
+        if path.is_file() and path.suffix == ".gguf":
+            return cls.from_gguf(path)
+        raise TokenizerError(f"{path}: expected a checkpoint directory or a .gguf file")
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(f"{path}: no tokenizer.json")
+        try:
+            backend = _Backend.from_file(str(file))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise TokenizerError(f"{file}: cannot parse: {e}") from e
+        config = _read_json(path / "tokenizer_config.json")
+        generation = _read_json(path / "generation_config.json")
+        bos = _token_id(backend, config.get("bos_token"))
+        eos = _token_id(backend, config.get("eos_token"))
+        gen_eos = _int_list(generation.get("eos_token_id"))
+        if bos is None:
+            bos = next(iter(_int_list(generation.get("bos_token_id"))), None)
+        if eos is None and gen_eos:
+            eos = gen_eos[0]
+        add_bos, add_eos = _special_token_policy(backend, config, bos, eos)
+        return cls(
+            backend,
+            source=str(path),
+            bos_token_id=bos,
+            eos_token_id=eos,
+            extra_eos_ids=gen_eos,
+            chat_template=_dir_chat_template(path, config),
+            add_bos=add_bos,
+            add_eos=add_eos,
+        )
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        start = time.perf_counter()
+        meta = _read_gguf_metadata(Path(path))
+        kind = meta.get("tokenizer.ggml.model")
+        if kind is None:
+            raise TokenizerError(f"{path}: no tokenizer metadata (tokenizer.ggml.model)")
+        if kind != "gpt2":
+            raise TokenizerError(f"{path}: tokenizer model {kind!r} unsupported; only 'gpt2'")
+        tokens = _meta_list(meta, "tokenizer.ggml.tokens", str, path)
+        merges = _meta_list(meta, "tokenizer.ggml.merges", str, path)
+        types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
+        backend = _byte_level_bpe(tokens, merges, types, meta.get("tokenizer.ggml.pre"), path)
+        extra = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
+        tokenizer = cls(
+            backend,
+            source=str(path),
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+            extra_eos_ids=[i for i in extra if isinstance(i, int)],
+            chat_template=meta.get("tokenizer.chat_template"),
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        )
+        logger.debug("tokenizer from %s in %.3f s", path, time.perf_counter() - start)
+        return tokenizer
+
+    # -- text <-> ids ----------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Special-token text in `text` (e.g. "<|im_start|>") maps to its id, as in
+        transformers; chat templates rely on it."""
+        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+        return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        ids = list(ids)
+        # the backend silently drops unknown ids; a caller's mistake must not vanish
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            bad = next(i for i in ids if not 0 <= i < self.vocab_size)
+            self._bad_id(bad)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for (the byte-level spelling undone)."""
+        cached = self._token_bytes.get(token_id)
+        if cached is not None:
+            return cached
+        token = self._backend.id_to_token(token_id) if token_id >= 0 else None
+        if token is None:
+            self._bad_id(token_id)
+        # Characters outside the byte alphabet (only in added tokens) stand for
+        # their own UTF-8, as in the backend's ByteLevel decoder.
+        data = b"".join(
+            bytes((_CHAR_TO_BYTE[c],)) if c in _CHAR_TO_BYTE else c.encode() for c in token
+        )
+        self._token_bytes[token_id] = data
+        return data
+
+    def _bad_id(self, token_id: int) -> NoReturn:
+        raise TokenizerError(
+            f"token id {token_id} out of range [0, {self.vocab_size}) for {self.source}"
+        )
+
+    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens)
+
+    # -- chat ------------------------------------------------------------------
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """The prompt text for a conversation. Raises TokenizerError (a ValueError)
+        for malformed messages or when the template refuses them."""
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise TokenizerError("messages must be a list of objects")
+        # Like transformers: a None field (OpenAI's content=None) counts as absent,
+        # which templates handle, rather than rendering "None".
+        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            return self._template.render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                bos_token=self._token_text(self.bos_token_id),
+                eos_token=self._token_text(self.eos_token_id),
+            )
+        except (jinja2.TemplateError, TypeError, LookupError, AttributeError, ValueError) as e:
+            raise TokenizerError(f"chat template of {self.source}: {e}") from e
+
+    def _token_text(self, token_id: int | None) -> str:
+        return "" if token_id is None else (self._backend.id_to_token(token_id) or "")
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text deltas out, each valid UTF-8 and O(1) amortised per token.
+
+    Works on token bytes through an incremental UTF-8 decoder: the bytes of a
+    character split across tokens are held back (at most 3) until it completes.
+    Bytes that can never become valid are replaced by U+FFFD at once, as
+    `Tokenizer.decode` does; an incomplete tail becomes U+FFFD only in `flush`.
+    Concatenated deltas equal `decode(ids)` for the same ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = tokenizer.special_token_ids if skip_special_tokens else frozenset()
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pieces: list[str] = []
+
+    def push(self, token_id: int) -> str:
+        if token_id in self._skip:
+            return ""
+        return self._emit(self._decoder.decode(self._tokenizer.token_bytes(token_id)))
+
+    def flush(self) -> str:
+        return self._emit(self._decoder.decode(b"", final=True))
+
+    @property
+    def text(self) -> str:
+        """Everything emitted so far (O(length): read it at the end, not per token)."""
+        joined = "".join(self._pieces)
+        self._pieces = [joined]
+        return joined
+
+    def _emit(self, delta: str) -> str:
+        if delta:
+            self._pieces.append(delta)
+        return delta
+
+
+# -- chat template -------------------------------------------------------------
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # Jinja's own tojson escapes <, >, & for HTML, which would change prompts.
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _compile_template(source: str, origin: str) -> jinja2.Template:
+    # Templates come with downloaded checkpoints: untrusted code, hence the sandbox.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat template of {origin} does not compile: {e}") from e
+
+
+def _dir_chat_template(path: Path, config: dict[str, Any]) -> str | None:
+    jinja_file = path / "chat_template.jinja"
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+# -- checkpoint directory ------------------------------------------------------
+
+
+def _read_json(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{file}: cannot read: {e}") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(f"{file}: expected a JSON object")
+    return data
+
+
+def _token_id(backend: _Backend, token: Any) -> int | None:
+    if isinstance(token, dict):  # older configs spell special tokens as AddedToken dicts
+        token = token.get("content")
+    return backend.token_to_id(token) if isinstance(token, str) else None
+
+
+def _int_list(value: Any) -> list[int]:
+    if isinstance(value, int):
+        return [value]
+    if isinstance(value, list):
+        return [v for v in value if isinstance(v, int)]
+    return []
+
+
+def _special_token_policy(
+    backend: _Backend, config: dict[str, Any], bos: int | None, eos: int | None
+) -> tuple[bool, bool]:
+    """Whether encode adds BOS / EOS: the config's flags when it has them (they
+    override the post-processor in transformers), else what the post-processor does."""
+    probe = backend.encode("", add_special_tokens=True).ids
+    add_bos = config.get("add_bos_token", bos is not None and probe[:1] == [bos])
+    add_eos = config.get("add_eos_token", eos is not None and probe[-1:] == [eos])
+    return bool(add_bos), bool(add_eos)
+
+
+# -- GGUF ----------------------------------------------------------------------
+
+
+def _byte_level_bpe(
+    tokens: list[str], merges: list[str], types: list[int], pre: Any, path: Path | str
+) -> _Backend:
+    # A token not spelled in the byte alphabet is stored as plain text: respell
+    # its UTF-8 bytes so BPE can find it (as transformers' GGUF import does).
+    vocab = {
+        t if set(t) <= _BYTE_ALPHABET else "".join(_BYTE_TO_CHAR[b] for b in t.encode()): i
+        for i, t in enumerate(tokens)
+    }
+    pairs = [_merge_pair(m, path) for m in merges]
+    try:
+        backend = _Backend(BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+    except Exception as e:  # the Rust side raises a bare Exception
+        raise TokenizerError(f"{path}: invalid vocabulary or merges: {e}") from e
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    # Control tokens (<|im_start|>, ...) are matched whole and are special; a
+    # control token outside the byte alphabet is a converter mislabel: skipped.
+    backend.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, kind in zip(tokens, types, strict=False)
+            if kind == _CONTROL and set(t) <= _BYTE_ALPHABET
+        ]
+    )
+    backend.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, kind in zip(tokens, types, strict=False)
+            if kind == _USER_DEFINED and t in vocab
+        ]
+    )
+    return backend
+
+
+def _merge_pair(merge: str, path: Path | str) -> tuple[str, str]:
+    left, _, right = merge.partition(" ")
+    if not left or not right or " " in right:
+        raise TokenizerError(f"{path}: merge {merge!r} is not two tokens separated by a space")
+    return left, right
+
+
+def _pre_tokenizer(pre: Any) -> pre_tokenizers.PreTokenizer:
+    gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        # SmolLM's own tokenizer.json: digits one by one, then GPT-2's regex.
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
+    split = _PRE_SPLITS.get(pre) if isinstance(pre, str) else None
+    if split is not None:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre is not None and pre not in _GPT2_LIKE_PRE:
+        logger.warning("unknown GGUF pre-tokenizer %r: using GPT-2's split regex", pre)
+    return gpt2
+
+
+def _meta_list(meta: dict[str, Any], key: str, kind: type, path: Path | str) -> list[Any]:
+    value = meta.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, kind) for v in value):
+        raise TokenizerError(f"{path}: {key} missing or not a list of {kind.__name__}")
+    return value
+
+
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
+_SCALAR_FORMATS.update({10: "Q", 11: "q", 12: "d"})
+_STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
+
+
+def _read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key-value metadata of a GGUF file (v2/v3, little-endian).
+
+    A small struct parser over mmap rather than gguf.GGUFReader: the reader
+    builds numpy views for every string of the vocabulary and takes seconds;
+    this takes tens of milliseconds. No pickle, no code execution.
+    """
+    try:
+        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _GGUFMetadata(buf).read()
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from e
+    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path}: not a readable GGUF file: {e}") from e
+
+
+class _GGUFMetadata:
+    def __init__(self, buf: mmap.mmap) -> None:
+        self._buf = buf
+        self._pos = 0
+
+    def read(self) -> dict[str, Any]:
+        if self._buf[:4] != b"GGUF":
+            raise TokenizerError("bad magic, not a GGUF file")
+        self._pos = 4
+        version = self._scalar("I")
+        if version not in (2, 3):
+            raise TokenizerError(f"GGUF version {version} unsupported")
+        self._scalar("Q")  # tensor count: tensors are not our business
+        n_kv = self._scalar("Q")
+        meta = {}
+        for _ in range(n_kv):
+            key = self._string()
+            meta[key] = self._value(self._scalar("I"))
+        return meta
+
+    def _scalar(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from("<" + fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        (n,) = _U64.unpack_from(self._buf, self._pos)
+        start, self._pos = self._pos + 8, self._pos + 8 + n
+        if self._pos > len(self._buf):
+            raise TokenizerError("a string runs past the end of the file")
+        return self._buf[start : self._pos].decode("utf-8")
+
+    def _value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            return self._array()
+        fmt = _SCALAR_FORMATS.get(kind)
+        if fmt is None:
+            raise TokenizerError(f"unknown metadata value type {kind}")
+        return self._scalar(fmt)
+
+    def _array(self) -> list[Any]:
+        kind, n = self._scalar("I"), self._scalar("Q")
+        fmt = _SCALAR_FORMATS.get(kind)
+        if fmt is not None:  # one numpy read instead of n struct calls
+            dtype = np.dtype("<" + fmt)
+            values = np.frombuffer(self._buf, dtype=dtype, count=n, offset=self._pos)
+            self._pos += n * dtype.itemsize
+            return values.tolist()
+        return [self._value(kind) for _ in range(n)]

@@ -19,7 +19,9 @@ from model.kv_cache import ForwardBatch, KVCache
 def _table(cache: KVCache, n_tokens: int) -> list[int]:
     n_blocks = -(-n_tokens // cache.block_size)
     if n_blocks > cache.num_blocks:
-        raise ValueError(f"{n_tokens} tokens do not fit a cache of {cache.num_blocks * cache.block_size}")
+        raise ValueError(
+            f"{n_tokens} tokens do not fit a cache of {cache.num_blocks * cache.block_size}"
+        )
     return list(range(n_blocks))
 
 
@@ -37,7 +39,11 @@ def prefill(model: GPT, cache: KVCache, prompt_ids: list[int], total_len: int) -
 def decode_one_token(model: GPT, cache: KVCache, token: int, pos: int, table: list[int]) -> Tensor:
     """Feed one token at position ``pos``; logits of the next (vocab,)."""
     batch = ForwardBatch.build(
-        [[token]], start_pos=[pos], block_tables=[table], block_size=cache.block_size, device=model.device
+        [[token]],
+        start_pos=[pos],
+        block_tables=[table],
+        block_size=cache.block_size,
+        device=model.device,
     )
     return model(batch, cache)[0]
 

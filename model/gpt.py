@@ -53,8 +53,10 @@ class Attention(nn.Module):
         self.head_dim: int = config.head_dim  # type: ignore[assignment]
         self.q_size, self.kv_size = config.q_size, config.kv_size
         # q, k and v in one matmul: one kernel launch instead of three.
-        self.qkv = nn.Linear(config.n_embd, self.q_size + 2 * self.kv_size, bias=config.attn_bias)
-        self.proj = nn.Linear(self.q_size, config.n_embd, bias=config.attn_bias)
+        self.qkv = nn.Linear(
+            config.n_embd, self.q_size + 2 * self.kv_size, bias=bool(config.attn_bias)
+        )
+        self.proj = nn.Linear(self.q_size, config.n_embd, bias=bool(config.attn_bias))
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
     def forward(
@@ -142,8 +144,10 @@ class MLP(nn.Module):
         self.gated = config.gated_mlp
         self.activation = config.activation
         # SwiGLU: gate and up projections fused into one matmul, gate first.
-        self.fc = nn.Linear(config.n_embd, 2 * inner if self.gated else inner, bias=config.mlp_bias)
-        self.proj = nn.Linear(inner, config.n_embd, bias=config.mlp_bias)
+        self.fc = nn.Linear(
+            config.n_embd, 2 * inner if self.gated else inner, bias=bool(config.mlp_bias)
+        )
+        self.proj = nn.Linear(inner, config.n_embd, bias=bool(config.mlp_bias))
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc(x)
@@ -182,7 +186,9 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
-        self.wpe = nn.Embedding(config.block_size, config.n_embd) if config.learned_positions else None
+        self.wpe = (
+            nn.Embedding(config.block_size, config.n_embd) if config.learned_positions else None
+        )
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = Norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -257,7 +263,8 @@ class GPT(nn.Module):
             return
         hd: int = self.config.head_dim  # type: ignore[assignment]
         inv_freq = 1.0 / (
-            self.config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+            self.config.rope_theta
+            ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
         )
         pos = torch.arange(self.config.block_size, device=device).float()
         freqs = torch.outer(pos, inv_freq)  # (block_size, hd / 2)
@@ -294,14 +301,19 @@ class GPT(nn.Module):
         """
         end = max(s + q for s, q in zip(batch.start_pos, batch.query_lens, strict=True))
         if end > self.config.block_size:
-            raise ValueError(f"position {end - 1} is past the context of {self.config.block_size} tokens")
+            raise ValueError(
+                f"position {end - 1} is past the context of {self.config.block_size} tokens"
+            )
         x = self.wte(batch.input_ids)  # (T, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
         else:
             assert self.rope_cos is not None and self.rope_sin is not None  # set at construction
-            rope = (self.rope_cos[batch.positions][:, None, :], self.rope_sin[batch.positions][:, None, :])
+            rope = (
+                self.rope_cos[batch.positions][:, None, :],
+                self.rope_sin[batch.positions][:, None, :],
+            )
         for i, block in enumerate(self.layers):
             x = block(x, batch, kv_cache, i, rope)
         x = self.norm(x)

@@ -37,15 +37,21 @@ class KVCache(nn.Module):
     ) -> None:
         super().__init__()
         if num_blocks <= 0 or block_size <= 0:
-            raise ValueError(f"num_blocks and block_size must be positive ({num_blocks}, {block_size})")
+            raise ValueError(
+                f"num_blocks and block_size must be positive ({num_blocks}, {block_size})"
+            )
         self.num_blocks = num_blocks
         self.block_size = block_size
-        shape = (config.n_layer, num_blocks, block_size, config.n_kv_head, config.head_dim)
+        n_kv_head: int = config.n_kv_head  # type: ignore[assignment]  # set by __post_init__
+        head_dim: int = config.head_dim  # type: ignore[assignment]
+        shape = (config.n_layer, num_blocks, block_size, n_kv_head, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @classmethod
-    def for_tokens(cls, config: ModelConfig, num_tokens: int, block_size: int = 16, **kw) -> KVCache:
+    def for_tokens(
+        cls, config: ModelConfig, num_tokens: int, block_size: int = 16, **kw
+    ) -> KVCache:
         """A cache with room for at least ``num_tokens`` tokens."""
         return cls(config, -(-num_tokens // block_size), block_size, **kw)
 
@@ -66,7 +72,9 @@ class KVCache(nn.Module):
         b, n = block_tables.shape
         k = self.k[layer][block_tables]  # (B, n_blocks, block_size, n_kv, hd)
         v = self.v[layer][block_tables]
-        return k.view(b, n * self.block_size, *k.shape[-2:]), v.view(b, n * self.block_size, *v.shape[-2:])
+        return k.view(b, n * self.block_size, *k.shape[-2:]), v.view(
+            b, n * self.block_size, *v.shape[-2:]
+        )
 
 
 @dataclass
@@ -141,7 +149,12 @@ class ForwardBatch:
         if block_tables is not None:
             ctx_blocks = [-(-(s + q) // block_size) for s, q in zip(starts, qlens, strict=True)]
             width = max(ctx_blocks)
-            tables = as_tensor([list(t[:n]) + [0] * (width - n) for t, n in zip(block_tables, ctx_blocks, strict=True)])
+            tables = as_tensor(
+                [
+                    list(t[:n]) + [0] * (width - n)
+                    for t, n in zip(block_tables, ctx_blocks, strict=True)
+                ]
+            )
         return cls(
             input_ids=as_tensor(flat_ids),
             positions=as_tensor(positions),

@@ -62,7 +62,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help="registry name, HF directory or .gguf file")
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="registry name, HF directory or .gguf file"
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
@@ -81,11 +83,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gptserve", description="GPT inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve a model over HTTP (see `gptserve serve --help`)")
-    sub.add_parser("bench", help="benchmark an OpenAI-compatible server (see `gptserve bench --help`)")
+    sub.add_parser(
+        "bench", help="benchmark an OpenAI-compatible server (see `gptserve bench --help`)"
+    )
     gen = sub.add_parser("generate", help="stream a completion to stdout")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the model's chat template"
+    )
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--seed", type=int, default=None)

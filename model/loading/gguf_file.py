@@ -1,0 +1,280 @@
+"""Load a GGUF file (llama.cpp's format) into our ``GPT``.
+
+The header is parsed and checked by ``gguf_format``; the configuration comes
+from the ``{arch}.*`` metadata; tensor data is memory-mapped, gathered per
+quantization type and dequantized to the target dtype in a few large calls
+(``dequant``). Tensor names follow llama.cpp's
+converter (``blk.{i}.attn_q.weight`` ...); its q/k row permutation is undone so
+our rotate-half RoPE applies. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType
+from torch import Tensor
+
+from model.config import ConfigError, ModelConfig
+from model.gpt import GPT, WeightsError
+from model.loading.dequant import FLOAT_TYPES, SUPPORTED_TYPES, dequantize
+from model.loading.errors import ModelConfigFileError, ModelFileError
+from model.loading.gguf_format import GGUFHeader, GGUFTensorInfo, read_gguf_header
+from model.loading.plan import Part, Plan, check_plan, copy_rows
+
+ARCHITECTURES = ("llama", "gpt2")
+
+
+def load_gguf(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[GPT, ModelConfig]:
+    """Build our GPT from a GGUF file; raises ``ModelFileError`` for anything malformed."""
+    header = read_gguf_header(path)
+    config = config_from_gguf(header)
+    plan = _llama_plan(config) if config.arch == "llama" else _gpt2_plan(config)
+    check_plan(header.path, plan, config, {n: t.shape for n, t in header.tensors.items()})
+    for info in header.tensors.values():
+        if info.qtype not in SUPPORTED_TYPES:
+            raise ModelFileError(
+                header.path, f"unsupported tensor type {info.qtype.name}", info.name
+            )
+    state = _read_tensors(header, plan, dtype)
+    try:
+        model = GPT.from_state_dict(config, state, dtype=dtype, device=device)
+    except WeightsError as e:
+        raise ModelFileError(header.path, str(e)) from e
+    return model, config
+
+
+# -- configuration --------------------------------------------------------------------
+
+
+_REQUIRED = object()
+
+
+def _meta(header: GGUFHeader, key: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """A metadata value of the expected type; ``default`` when absent (if given)."""
+    if key not in header.metadata:
+        if default is _REQUIRED:
+            raise ModelFileError(header.path, "missing metadata key", key)
+        return default
+    value = header.metadata[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool) is not (kind is bool):
+        raise ModelFileError(header.path, f"expected a {kind.__name__}, got {value!r:.80}", key)
+    return value
+
+
+def config_from_gguf(header: GGUFHeader) -> ModelConfig:
+    """A ``ModelConfig`` from the file's metadata and tensor shapes."""
+    arch = _meta(header, "general.architecture", str)
+    if arch not in ARCHITECTURES:
+        supported = ", ".join(ARCHITECTURES)
+        raise ModelFileError(
+            header.path,
+            f"unsupported architecture {arch!r} (supported: {supported})",
+            "general.architecture",
+        )
+    embd = header.tensors.get("token_embd.weight")
+    if embd is None or len(embd.shape) != 2:
+        raise ModelFileError(header.path, "missing or malformed tensor", "token_embd.weight")
+    scaling = header.metadata.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none":
+        raise ModelFileError(
+            header.path, f"unsupported RoPE scaling {scaling!r}", f"{arch}.rope.scaling.type"
+        )
+    norm = "layer_norm_rms_epsilon" if arch == "llama" else "layer_norm_epsilon"
+    n_head = _meta(header, f"{arch}.attention.head_count", int)
+    try:
+        config = ModelConfig(
+            arch=arch,
+            vocab_size=embd.shape[0],
+            n_layer=_meta(header, f"{arch}.block_count", int),
+            n_head=n_head,
+            n_embd=_meta(header, f"{arch}.embedding_length", int),
+            n_kv_head=_meta(header, f"{arch}.attention.head_count_kv", int, n_head),
+            head_dim=_meta(header, f"{arch}.attention.key_length", int, None),
+            intermediate_size=_meta(header, f"{arch}.feed_forward_length", int),
+            block_size=_meta(header, f"{arch}.context_length", int),
+            norm_eps=_meta(header, f"{arch}.attention.{norm}", float, 1e-5),
+            rope_theta=_meta(header, f"{arch}.rope.freq_base", float, 10000.0),
+            tie_embeddings="output.weight" not in header.tensors,
+            attn_bias=any(f"blk.0.attn_{t}.bias" in header.tensors for t in ("q", "qkv")),
+            mlp_bias="blk.0.ffn_up.bias" in header.tensors,
+            name=_meta(header, "general.name", str, ""),
+        )
+    except ConfigError as e:
+        raise ModelConfigFileError(header.path, str(e)) from e
+    rope_dims = _meta(header, f"{arch}.rope.dimension_count", int, config.head_dim)
+    if config.arch == "llama" and rope_dims != config.head_dim:
+        raise ModelFileError(
+            header.path,
+            f"partial RoPE ({rope_dims} of {config.head_dim} dims) is unsupported",
+            f"{arch}.rope.dimension_count",
+        )
+    return config
+
+
+# -- tensor names ---------------------------------------------------------------------
+
+
+def _common_plan(config: ModelConfig) -> Plan:
+    c = config.n_embd
+    plan: Plan = {"wte.weight": [Part("token_embd.weight", config.vocab_size)]}
+    norm_params = ("weight", "bias") if config.arch == "gpt2" else ("weight",)
+    for p in norm_params:
+        plan[f"norm.{p}"] = [Part(f"output_norm.{p}", c)]
+    if not config.tie_embeddings:
+        plan["lm_head.weight"] = [Part("output.weight", config.vocab_size)]
+    for i in range(config.n_layer):
+        for p in norm_params:
+            plan[f"layers.{i}.attn_norm.{p}"] = [Part(f"blk.{i}.attn_norm.{p}", c)]
+            plan[f"layers.{i}.mlp_norm.{p}"] = [Part(f"blk.{i}.ffn_norm.{p}", c)]
+    return plan
+
+
+def _linear_params(bias: bool | None) -> tuple[str, ...]:
+    return ("weight", "bias") if bias else ("weight",)
+
+
+def _llama_plan(config: ModelConfig) -> Plan:
+    plan = _common_plan(config)
+    h, kv, c = config.n_head, config.n_kv_head or config.n_head, config.n_embd
+    inner = config.intermediate_size or 0
+    for i in range(config.n_layer):
+        ours, blk = f"layers.{i}.", f"blk.{i}."
+        for p in _linear_params(config.attn_bias):
+            plan[f"{ours}attn.qkv.{p}"] = [
+                Part(f"{blk}attn_q.{p}", config.q_size, heads=h),
+                Part(f"{blk}attn_k.{p}", config.kv_size, heads=kv),
+                Part(f"{blk}attn_v.{p}", config.kv_size),
+            ]
+            plan[f"{ours}attn.proj.{p}"] = [Part(f"{blk}attn_output.{p}", c)]
+        for p in _linear_params(config.mlp_bias):
+            plan[f"{ours}mlp.fc.{p}"] = [
+                Part(f"{blk}ffn_gate.{p}", inner),
+                Part(f"{blk}ffn_up.{p}", inner),
+            ]
+            plan[f"{ours}mlp.proj.{p}"] = [Part(f"{blk}ffn_down.{p}", c)]
+    return plan
+
+
+def _gpt2_plan(config: ModelConfig) -> Plan:
+    plan = _common_plan(config)
+    c, inner = config.n_embd, config.intermediate_size or 0
+    plan["wpe.weight"] = [Part("position_embd.weight", config.block_size)]
+    for i in range(config.n_layer):
+        ours, blk = f"layers.{i}.", f"blk.{i}."
+        for p in ("weight", "bias"):
+            plan[f"{ours}attn.qkv.{p}"] = [
+                Part(f"{blk}attn_qkv.{p}", config.q_size + 2 * config.kv_size)
+            ]
+            plan[f"{ours}attn.proj.{p}"] = [Part(f"{blk}attn_output.{p}", c)]
+            plan[f"{ours}mlp.fc.{p}"] = [Part(f"{blk}ffn_up.{p}", inner)]
+            plan[f"{ours}mlp.proj.{p}"] = [Part(f"{blk}ffn_down.{p}", c)]
+    return plan
+
+
+# -- tensor data ----------------------------------------------------------------------
+
+# Values per dequantization call. Few large calls instead of one per tensor: on a
+# busy machine the per-call thread synchronisation of small ops costs more than
+# the arithmetic. The bound keeps the float32 intermediate small.
+_BATCH_VALUES = 1 << 26
+
+
+@dataclass
+class _Param:
+    """One of our parameters and the file tensors (same order as its parts) that form it."""
+
+    target: str
+    infos: list[GGUFTensorInfo]
+    parts: list[Part]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (sum(info.shape[0] for info in self.infos), *self.infos[0].shape[1:])
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _read_tensors(header: GGUFHeader, plan: Plan, dtype: torch.dtype) -> dict[str, Tensor]:
+    with header.path.open("rb") as f:
+        data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
+    if data.size != header.file_size:
+        raise ModelFileError(header.path, "the file changed while it was being loaded")
+    state: dict[str, Tensor] = {}
+    by_type: dict[GGMLQuantizationType, list[_Param]] = defaultdict(list)
+    for target, parts in plan.items():
+        param = _Param(target, [header.tensors[p.name] for p in parts], parts)
+        qtypes = {info.qtype for info in param.infos}
+        if len(qtypes) == 1 and all(
+            len(i.shape) > 1 or i.qtype in FLOAT_TYPES for i in param.infos
+        ):
+            by_type[qtypes.pop()].append(param)
+        else:  # mixed types: rows can only be joined after dequantization
+            state[target] = _join_values(data, param).to(dtype)
+    for qtype, params in by_type.items():
+        for batch in _batches(params):
+            state.update(_dequantize_batch(data, qtype, batch, dtype))
+    return state
+
+
+def _batches(params: list[_Param]) -> Iterator[list[_Param]]:
+    batch: list[_Param] = []
+    size = 0
+    for param in params:
+        if batch and size + param.numel > _BATCH_VALUES:
+            yield batch
+            batch, size = [], 0
+        batch.append(param)
+        size += param.numel
+    if batch:
+        yield batch
+
+
+def _dequantize_batch(
+    data: np.ndarray, qtype: GGMLQuantizationType, batch: list[_Param], dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Parameters of one type: their raw rows gathered (and fixed) into one buffer,
+    then dequantized in one call. Rows are fixed on bytes, before dequantization:
+    llama.cpp quantizes row by row, so rows stay whole."""
+    infos = [info for param in batch for info in param.infos]
+    raw = np.empty(sum(info.nbytes for info in infos), dtype=np.uint8)
+    pos = 0
+    for param in batch:
+        for info, part in zip(param.infos, param.parts, strict=True):
+            src = _raw(data, info).reshape(info.shape[0], -1)
+            copy_rows(raw[pos : pos + info.nbytes].reshape(src.shape), src, part.heads)
+            pos += info.nbytes
+    values = dequantize(torch.from_numpy(raw), qtype, (sum(param.numel for param in batch),)).to(
+        dtype
+    )
+    chunks = values.split([param.numel for param in batch])
+    return {p.target: chunk.view(p.shape) for p, chunk in zip(batch, chunks, strict=True)}
+
+
+def _join_values(data: np.ndarray, param: _Param) -> Tensor:
+    out = torch.empty(param.shape)
+    row = 0
+    for info, part in zip(param.infos, param.parts, strict=True):
+        raw = torch.from_numpy(_raw(data, info).copy())
+        values = dequantize(raw, info.qtype, info.shape).float()
+        copy_rows(out[row : row + info.shape[0]].numpy(), values.numpy(), part.heads)
+        row += info.shape[0]
+    return out
+
+
+def _raw(data: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
+    return data[info.offset : info.offset + info.nbytes]

@@ -1,0 +1,91 @@
+"""Which tensors of a checkpoint make up each of our parameters, and the checks on them.
+
+A loader describes a checkpoint as a ``Plan``: for every parameter of ``GPT``
+the file tensors whose rows, concatenated in order, form it (q, k and v rows
+for the fused ``qkv``; gate then up rows for a gated ``fc``). ``check_plan``
+then verifies every name and shape before a byte of data is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.config import ModelConfig
+from model.gpt import GPT
+from model.loading.errors import ModelFileError
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Part:
+    """One file tensor supplying ``rows`` rows (dim 0) of one of our parameters."""
+
+    name: str
+    rows: int
+    heads: int = 0  # > 0: llama.cpp interleaved the RoPE halves of this many heads
+    transposed: bool = False  # stored as (in, out), like GPT-2's Conv1D weights
+
+    def file_shape(self, target: Shape) -> Shape:
+        shape = (self.rows, *target[1:])
+        return shape[::-1] if self.transposed else shape
+
+
+Plan = dict[str, list[Part]]  # our parameter name -> its parts, in row order
+
+
+def param_shapes(config: ModelConfig) -> dict[str, Shape]:
+    """Our parameter names and shapes (a tied ``lm_head`` is ``wte`` and not listed)."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_plan(
+    path: Path,
+    plan: Plan,
+    config: ModelConfig,
+    in_file: Mapping[str, Shape],
+    ignored: Callable[[str], bool] = lambda name: False,
+) -> None:
+    """Every part present with its exact shape, and no file tensor left unused."""
+    targets = param_shapes(config)
+    used: set[str] = set()
+    for target, parts in plan.items():
+        for part in parts:
+            if part.name not in in_file:
+                raise ModelFileError(path, f"missing tensor (needed for {target})", part.name)
+            want = part.file_shape(targets[target])
+            if tuple(in_file[part.name]) != want:
+                raise ModelFileError(
+                    path,
+                    f"tensor has shape {tuple(in_file[part.name])}, expected {want}",
+                    part.name,
+                )
+            used.add(part.name)
+    extra = sorted(name for name in in_file if name not in used and not ignored(name))
+    if extra:
+        raise ModelFileError(path, f"unexpected tensor ({len(extra)} unexpected in all)", extra[0])
+
+
+def copy_rows(dst: np.ndarray, src: np.ndarray, heads: int = 0) -> None:
+    """``dst[:] = src`` (both (rows, ...)), undoing llama.cpp's RoPE row interleave
+    when ``heads`` > 0.
+
+    llama.cpp's converter stores, per head, the rows of the two RoPE halves
+    interleaved (a0, b0, a1, b1, ...); our rotate-half RoPE wants them in two
+    runs (a0, a1, ..., b0, b1, ...). Works on rows of any width, raw quantized
+    bytes included, since llama.cpp quantizes row by row. numpy, not torch:
+    these copies are small and many, and torch's per-op thread start-up costs
+    more than the copy on a busy machine.
+    """
+    if heads:
+        n = src.shape[0]
+        src = src.reshape(heads, n // heads // 2, 2, -1).swapaxes(1, 2)  # (heads, 2, half, width)
+        dst = dst.reshape(src.shape)
+    dst[...] = src

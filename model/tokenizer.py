@@ -18,8 +18,6 @@ from __future__ import annotations
 import codecs
 import json
 import logging
-import mmap
-import struct
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -33,6 +31,9 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
+
+from model.loading.errors import ModelFileError
+from model.loading.gguf_format import read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -485,76 +486,13 @@ def _meta_list(meta: dict[str, Any], key: str, kind: type, path: Path | str) -> 
     return value
 
 
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?"}
-_SCALAR_FORMATS.update({10: "Q", 11: "q", 12: "d"})
-_STRING, _ARRAY = 8, 9
-_U64 = struct.Struct("<Q")
-
-
 def _read_gguf_metadata(path: Path) -> dict[str, Any]:
-    """The key-value metadata of a GGUF file (v2/v3, little-endian).
+    """The key-value metadata of a GGUF file, through the loader's bounded reader.
 
-    A small struct parser over mmap rather than gguf.GGUFReader: the reader
-    builds numpy views for every string of the vocabulary and takes seconds;
-    this takes tens of milliseconds. No pickle, no code execution.
+    Numeric arrays come back as numpy arrays; the tokenizer wants plain lists.
     """
     try:
-        with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            return _GGUFMetadata(buf).read()
-    except TokenizerError as e:
-        raise TokenizerError(f"{path}: {e}") from e
-    except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not a readable GGUF file: {e}") from e
-
-
-class _GGUFMetadata:
-    def __init__(self, buf: mmap.mmap) -> None:
-        self._buf = buf
-        self._pos = 0
-
-    def read(self) -> dict[str, Any]:
-        if self._buf[:4] != b"GGUF":
-            raise TokenizerError("bad magic, not a GGUF file")
-        self._pos = 4
-        version = self._scalar("I")
-        if version not in (2, 3):
-            raise TokenizerError(f"GGUF version {version} unsupported")
-        self._scalar("Q")  # tensor count: tensors are not our business
-        n_kv = self._scalar("Q")
-        meta = {}
-        for _ in range(n_kv):
-            key = self._string()
-            meta[key] = self._value(self._scalar("I"))
-        return meta
-
-    def _scalar(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from("<" + fmt, self._buf, self._pos)
-        self._pos += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        (n,) = _U64.unpack_from(self._buf, self._pos)
-        start, self._pos = self._pos + 8, self._pos + 8 + n
-        if self._pos > len(self._buf):
-            raise TokenizerError("a string runs past the end of the file")
-        return self._buf[start : self._pos].decode("utf-8")
-
-    def _value(self, kind: int) -> Any:
-        if kind == _STRING:
-            return self._string()
-        if kind == _ARRAY:
-            return self._array()
-        fmt = _SCALAR_FORMATS.get(kind)
-        if fmt is None:
-            raise TokenizerError(f"unknown metadata value type {kind}")
-        return self._scalar(fmt)
-
-    def _array(self) -> list[Any]:
-        kind, n = self._scalar("I"), self._scalar("Q")
-        fmt = _SCALAR_FORMATS.get(kind)
-        if fmt is not None:  # one numpy read instead of n struct calls
-            dtype = np.dtype("<" + fmt)
-            values = np.frombuffer(self._buf, dtype=dtype, count=n, offset=self._pos)
-            self._pos += n * dtype.itemsize
-            return values.tolist()
-        return [self._value(kind) for _ in range(n)]
+        header = read_gguf_header(path)
+    except ModelFileError as e:
+        raise TokenizerError(str(e)) from e
+    return {k: v.tolist() if isinstance(v, np.ndarray) else v for k, v in header.metadata.items()}

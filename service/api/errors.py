@@ -1,0 +1,209 @@
+"""Every error the API returns, in one shape and one place.
+
+The body is always ``{"error": {"message", "type", "param", "code"}}`` (the
+OpenAI shape, which the official clients parse). Engine errors map to HTTP
+here; anything unexpected is logged with its traceback and answered with a
+generic 500 so that internals never reach the client.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse, Response
+
+from service.engine.types import (
+    EngineDead,
+    EngineError,
+    EngineUnavailable,
+    QueueFull,
+    RequestAborted,
+    RequestError,
+    RequestFailed,
+)
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    431: "invalid_request_error",
+    499: "client_closed_request",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class APIError(Exception):
+    """An error with its HTTP status; raise it anywhere in a request's handling."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        error_type: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.error_type = error_type or _TYPES.get(status, "invalid_request_error")
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def error_body(
+    message: str, error_type: str, param: str | None, code: str | None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx response."""
+
+    error: ErrorDetail
+
+
+def from_engine_error(exc: EngineError) -> APIError:
+    """The HTTP form of an engine error."""
+    if isinstance(exc, QueueFull):
+        retry = max(1, math.ceil(exc.retry_after))
+        return APIError(429, exc.message, code=exc.code, headers={"Retry-After": str(retry)})
+    if isinstance(exc, RequestFailed):
+        logger.error("the engine failed a request: %s", exc.message)
+        return internal_error()
+    if isinstance(exc, RequestAborted):
+        return APIError(503, exc.message, code=exc.code)
+    if isinstance(exc, RequestError):
+        return APIError(400, exc.message, code=exc.code, param=exc.param)
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, str(exc) or "the engine is not accepting requests", code="unavailable")
+    if isinstance(exc, EngineDead):
+        logger.error("engine is dead: %s", exc)
+        return APIError(
+            503, "the engine has stopped; the server needs a restart", code="engine_dead"
+        )
+    logger.error("unexpected engine error", exc_info=exc)
+    return internal_error()
+
+
+def internal_error() -> APIError:
+    return APIError(500, "internal server error", code="internal_error")
+
+
+def as_api_error(exc: BaseException) -> APIError:
+    """Any exception as an APIError; unexpected ones are logged with their traceback."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineError):
+        return from_engine_error(exc)
+    logger.error("unexpected error while serving a request", exc_info=exc)
+    return internal_error()
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
+    """A one-line message naming the first bad field, and that field as ``param``."""
+    first = dict(errors[0]) if errors else {}
+    if first.get("type") == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return f"malformed JSON body: {detail}", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(loc) or None
+    message = str(first.get("msg", "invalid request"))
+    extra = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
+    if param is None:
+        return f"invalid request body: {message}{extra}", None
+    return f"invalid value for '{param}': {message}{extra}", param
+
+
+async def _on_api_error(request: Request, exc: Exception) -> Response:
+    return as_api_error(exc).response()
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    message, param = validation_message(errors)
+    return bad_request(message, param=param, code="invalid_value").response()
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+    detail = exc.detail if isinstance(exc, StarletteHTTPException) else ""
+    message = detail if isinstance(detail, str) and detail else "request failed"
+    headers = getattr(exc, "headers", None)
+    if status == 404:
+        message = f"no route for {request.method} {request.url.path}"
+    return APIError(status, message, code=_http_code(status), headers=headers).response()
+
+
+def _http_code(status: int) -> str:
+    return {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        status, "invalid_request"
+    )
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> Response:
+    return as_api_error(exc).response()
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(EngineError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_exception)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def sse_error_event(exc: BaseException) -> str:
+    """An error that happens after a stream began, as one SSE ``data:`` payload."""
+    return json.dumps(as_api_error(exc).body())
+
+
+# Declared on every route so that the OpenAPI schema lists the error responses.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "invalid request"),
+        (401, "missing or wrong API key"),
+        (404, "unknown model"),
+        (413, "request body too large"),
+        (429, "queue full; retry after Retry-After seconds"),
+        (431, "request headers too large"),
+        (500, "internal error"),
+        (503, "not ready, draining, or the engine stopped"),
+    )
+}

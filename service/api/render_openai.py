@@ -1,0 +1,180 @@
+"""Engine results in the OpenAI wire format: whole responses and streamed chunks."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.api.render import chat_logprobs, choice_usage, legacy_logprobs, total_usage
+from service.api.serving import Choice, Generation
+from service.engine.types import TokenizerLike, Usage
+
+UsageSink = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Reply:
+    """What every response and chunk of one request shares."""
+
+    kind: str  # "text_completion" or "chat.completion"
+    model: str
+    tokenizer: TokenizerLike
+    prompt_tokens: int  # each prompt counted once
+    logprobs: bool
+    include_usage: bool = False
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        prefix = "cmpl" if self.kind == "text_completion" else "chatcmpl"
+        self.id = self.id or f"{prefix}-{uuid.uuid4().hex}"
+
+    def chunk(
+        self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        kind = "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return chunk
+
+    def body(self, choices: list[dict[str, Any]], usages: Sequence[Usage]) -> dict[str, Any]:
+        usage = total_usage(usages, self.prompt_tokens)
+        return {
+            "id": self.id,
+            "object": self.kind,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "usage": usage,
+        }
+
+
+# -- /v1/completions ---------------------------------------------------------------------
+
+
+def completion_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
+    rendered = []
+    for choice in choices:
+        logprobs = legacy_logprobs(reply.tokenizer, choice.logprobs)[0] if reply.logprobs else None
+        text = "".join(choice.text)
+        rendered.append(
+            {
+                "index": choice.index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": choice.finish_reason,
+            }
+        )
+    return reply.body(rendered, [choice_usage(c) for c in choices])
+
+
+async def completion_chunks(
+    reply: Reply, generation: Generation, on_usage: UsageSink
+) -> AsyncIterator[dict[str, Any]]:
+    offsets: dict[int, int] = {}
+    usages: dict[int, Usage] = {}
+    async for index, event in generation.events():
+        if not event.text and event.finish_reason is None and not event.logprobs:
+            continue  # a held-back piece: nothing to show yet
+        logprobs = None
+        if reply.logprobs:
+            logprobs, offsets[index] = legacy_logprobs(
+                reply.tokenizer, event.logprobs or [], offsets.get(index, 0)
+            )
+        if event.usage is not None:
+            usages[index] = event.usage
+        choice = {
+            "index": index,
+            "text": event.text,
+            "logprobs": logprobs,
+            "finish_reason": event.finish_reason,
+        }
+        yield reply.chunk([choice])
+    usage = total_usage(list(usages.values()), reply.prompt_tokens)
+    on_usage(usage)
+    if reply.include_usage:
+        yield reply.chunk([], usage)
+
+
+# -- /v1/chat/completions ------------------------------------------------------------------
+
+
+def chat_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
+    rendered = []
+    for choice in choices:
+        logprobs = chat_logprobs(reply.tokenizer, choice.logprobs) if reply.logprobs else None
+        message = {"role": "assistant", "content": "".join(choice.text)}
+        rendered.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": choice.finish_reason,
+            }
+        )
+    return reply.body(rendered, [choice_usage(c) for c in choices])
+
+
+async def chat_chunks(
+    reply: Reply, generation: Generation, on_usage: UsageSink
+) -> AsyncIterator[dict[str, Any]]:
+    usages: dict[int, Usage] = {}
+    for index in range(len(generation.streams)):
+        yield reply.chunk(
+            [
+                {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    async for index, event in generation.events():
+        if not event.text and event.finish_reason is None and not event.logprobs:
+            continue
+        if event.usage is not None:
+            usages[index] = event.usage
+        logprobs = chat_logprobs(reply.tokenizer, event.logprobs or []) if reply.logprobs else None
+        delta = {"content": event.text} if event.text else {}
+        yield reply.chunk(
+            [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": event.finish_reason,
+                }
+            ]
+        )
+    usage = total_usage(list(usages.values()), reply.prompt_tokens)
+    on_usage(usage)
+    if reply.include_usage:
+        yield reply.chunk([], usage)
+
+
+# -- /v1/embeddings ------------------------------------------------------------------------
+
+
+def embedding_data(embeddings: Sequence[Sequence[float]], encoding: str) -> list[dict[str, Any]]:
+    """Float lists, or base64 of little-endian float32 (what the official client decodes)."""
+    data = []
+    for index, vector in enumerate(embeddings):
+        value: list[float] | str = list(vector)
+        if encoding == "base64":
+            value = base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": value})
+    return data

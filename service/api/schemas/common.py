@@ -1,0 +1,56 @@
+"""Pieces shared by the native and OpenAI schemas: a strict base, bounded types, usage."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.settings import (
+    HARD_MAX_LOGPROBS,
+    HARD_MAX_N,
+    HARD_MAX_STOP,
+    HARD_MAX_STOP_LENGTH,
+    HARD_MAX_TOKENS,
+)
+
+TOKEN_ID_MAX = 2**31 - 1
+SEED_MAX = 2**63 - 1
+MAX_TEXT_CHARS = 4 * 1024 * 1024  # the body limit binds first; this keeps the schema bounded
+MAX_TOKEN_LIST = 1 << 20
+
+
+class StrictModel(BaseModel):
+    """Request bodies: unknown fields are a 400, types are not coerced, NaN and inf are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
+TokenIds = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_LIST)]
+StopString = Annotated[str, Field(max_length=HARD_MAX_STOP_LENGTH)]
+StopList = Annotated[list[StopString], Field(max_length=HARD_MAX_STOP)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=HARD_MAX_STOP)]
+
+MaxTokens = Annotated[
+    int | None, Field(ge=1, le=HARD_MAX_TOKENS, description="tokens to generate at most")
+]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, description="0 is greedy")]
+TopK = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX, description="0 turns it off")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0)]
+MinP = Annotated[float, Field(ge=0.0, le=1.0)]
+RepetitionPenalty = Annotated[float, Field(gt=0.0, le=10.0, description="1 turns it off")]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+Seed = Annotated[int | None, Field(ge=0, le=SEED_MAX)]
+TopLogprobs = Annotated[int | None, Field(ge=0, le=HARD_MAX_LOGPROBS)]
+ChoiceCount = Annotated[int, Field(ge=1, le=HARD_MAX_N)]
+
+
+class UsageOut(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int

@@ -1,0 +1,36 @@
+"""Fixtures for the HTTP layer on a fake engine: no model, no network."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+# The helpers' asserts must survive ``python -O`` too (test_auth runs itself that way).
+pytest.register_assert_rewrite("api_testlib")
+
+from api_testlib import serve  # noqa: E402
+from fake_engine import FakeEngine  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def client(engine: FakeEngine) -> Iterator[TestClient]:
+    with serve(engine) as client:
+        yield client
+
+
+@pytest.fixture
+def make_client(engine: FakeEngine) -> Callable[..., Any]:
+    """``with make_client(**settings) as client`` for a custom configuration."""
+
+    def factory(**overrides: Any) -> Any:
+        return serve(engine, **overrides)
+
+    return factory

@@ -1,0 +1,195 @@
+"""A deterministic stand-in for the engine: byte-level tokens, echoing generation.
+
+The tokenizer maps each UTF-8 byte to its value; ``EOS`` ends a sequence. The
+engine "generates" the prompt's tokens again, in a cycle, one event per token,
+with text deltas that never split a multi-byte character. It honours
+max_tokens, stop strings, stop token ids, logprobs and aborts, and records
+what it saw so that tests can check the HTTP layer's behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import math
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Gauge
+
+from model.config import ModelConfig
+from service.engine.types import (
+    EmbedResult,
+    EngineDead,
+    EngineUnavailable,
+    GenerateEvent,
+    GenerateRequest,
+    QueueFull,
+    RequestFailed,
+    TokenLogprob,
+    Usage,
+)
+
+EOS = 257
+VOCAB = 300
+EMBED_DIM = 8
+
+
+class FakeTokenizer:
+    vocab_size = VOCAB
+    eos_token_ids = frozenset({EOS})
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
+        if any(m["content"] == "__template_error__" for m in messages):
+            raise ValueError("conversation roles must alternate")
+        text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+class FakeEngine:
+    def __init__(self, max_model_len: int = 512, token_delay: float = 0.0) -> None:
+        self.model_name = "fake"
+        self.max_model_len = max_model_len
+        self.token_delay = token_delay
+        self._tokenizer = FakeTokenizer()
+        self.registry = CollectorRegistry()
+        self.running_gauge = Gauge("gptserve_requests_running", "running", registry=self.registry)
+        self.model_config = ModelConfig(
+            arch="llama", vocab_size=VOCAB, n_layer=1, n_head=2, n_embd=8, intermediate_size=16
+        )
+        self.device = "cpu"
+        self.dtype = "torch.float32"
+        self.started = False
+        self.stopping = False
+        self.dead = False
+        self.queue_full = False
+        self.fail_after: int | None = None  # raise RequestFailed after this many tokens
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.requests: list[GenerateRequest] = []
+        self.embed_calls: list[tuple[list[Any], str, bool]] = []
+
+    @property
+    def tokenizer(self) -> FakeTokenizer:
+        return self._tokenizer
+
+    def start(self) -> None:
+        self.started = True
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        self.stopping = True
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while self.running and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        for request_id in list(self.running):
+            self.abort(request_id)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens)
+
+    def _check_accepting(self) -> None:
+        if self.dead:
+            raise EngineDead("dead")
+        if not self.started or self.stopping:
+            raise EngineUnavailable("the engine is draining")
+        if self.queue_full:
+            raise QueueFull("the queue is full", retry_after=2.5)
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        self._check_accepting()
+        self.requests.append(request)
+        self.running.add(request.request_id)
+        self.running_gauge.set(len(self.running))
+        return self._stream(request)
+
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+        params, prompt = request.params, request.prompt_token_ids
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, out = "", list[int]()
+        try:
+            for i in range(params.max_tokens):
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+                else:
+                    await asyncio.sleep(0)
+                if request.request_id not in self.running:
+                    yield self._final(request, out, "", "abort")
+                    return
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise RequestFailed("sampling failed")
+                token = prompt[i % len(prompt)]
+                out.append(token)
+                lps = self._logprobs(token, params.logprobs)
+                if token == EOS and not params.ignore_eos or token in params.stop_token_ids:
+                    yield self._final(request, out, "", "stop", lps)
+                    return
+                delta = decoder.decode(bytes([token]) if token < 256 else b"")
+                text += delta
+                hit = next((s for s in params.stop if s in text), None)
+                if hit is not None:
+                    yield self._final(request, out, _before_stop(text, delta, hit), "stop", lps)
+                    return
+                last = i == params.max_tokens - 1
+                if last:
+                    yield self._final(request, out, delta, "length", lps)
+                    return
+                yield GenerateEvent(request.request_id, [token], delta, lps)
+        finally:
+            # Closed or cancelled before its last event: the real engine aborts it.
+            self.abort(request.request_id)
+            self.running_gauge.set(len(self.running))
+
+    def _final(
+        self,
+        request: GenerateRequest,
+        out: list[int],
+        text: str,
+        reason: Any,
+        lps: list[TokenLogprob] | None = None,
+    ) -> GenerateEvent:
+        self.running.discard(request.request_id)  # finished: closing it later is no abort
+        usage = Usage(len(request.prompt_token_ids), len(out))
+        return GenerateEvent(
+            request.request_id, out[-1:], text, lps, finish_reason=reason, usage=usage
+        )
+
+    @staticmethod
+    def _logprobs(token: int, n: int | None) -> list[TokenLogprob] | None:
+        if n is None:
+            return None
+        top = [((token + k) % VOCAB, -0.5 - k) for k in range(n)]
+        return [TokenLogprob(token, -0.5, top)]
+
+    async def embed(
+        self, inputs: Sequence[str | Sequence[int]], pooling: Any = "mean", normalize: bool = True
+    ) -> EmbedResult:
+        self._check_accepting()
+        self.embed_calls.append((list(inputs), pooling, normalize))
+        ids = [self._tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
+        vectors = [[float((sum(t) + k) % 7) + 1.0 for k in range(EMBED_DIM)] for t in ids]
+        if normalize:
+            vectors = [[v / math.sqrt(sum(x * x for x in vec)) for v in vec] for vec in vectors]
+        return EmbedResult(vectors, prompt_tokens=sum(map(len, ids)))
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self.running:
+            self.aborted.append(request_id)
+        self.running.discard(request_id)
+
+    def check_health(self) -> None:
+        if self.dead:
+            raise EngineDead("dead")
+
+
+def _before_stop(text: str, delta: str, stop: str) -> str:
+    """The part of ``delta`` that comes before the stop string in ``text``."""
+    start = len(text) - len(delta)
+    return text[start : max(start, text.index(stop))]

@@ -135,6 +135,14 @@ class RequestAborted(RequestError):
     code = "aborted"
 
 
+class RequestFailed(RequestError):
+    """The engine failed this request alone (an error while sampling or detokenizing
+    it); raised from its event iterator. Other requests and the engine go on. This
+    is a server-side fault (HTTP 500), not a client mistake."""
+
+    code = "internal_error"
+
+
 class EngineUnavailable(EngineError):
     """Not started yet, or draining: new requests are refused (HTTP 503)."""
 
@@ -177,7 +185,10 @@ class EngineClient(Protocol):
     def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
 
     async def embed(
-        self, inputs: Sequence[str | Sequence[int]], pooling: Pooling = "mean", normalize: bool = True
+        self,
+        inputs: Sequence[str | Sequence[int]],
+        pooling: Pooling = "mean",
+        normalize: bool = True,
     ) -> EmbedResult: ...
 
     def abort(self, request_id: str) -> None: ...

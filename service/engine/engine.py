@@ -1,0 +1,498 @@
+"""The engine: one thread runs schedule -> forward -> sample -> emit over all requests.
+
+Requests arrive from the asyncio side (``generate``, ``embed``, ``abort``),
+which only touches the scheduler's queue under a lock and wakes the thread.
+The thread owns everything else. Each step it applies aborts, runs pending
+embeddings, asks the scheduler for chunks, runs one forward pass, samples the
+chunks that end a sequence's known tokens, and hands the resulting events to
+each request's ``asyncio.Queue`` with one ``call_soon_threadsafe`` per event
+loop. When there is nothing to do it sleeps on a condition variable.
+
+Errors: a ``RequestError`` raised while validating fails that call; an error
+while sampling or detokenizing one request ends that request alone with
+``RequestFailed``; an error in the forward pass or the loop kills the engine:
+every request in flight, and every later one, gets ``EngineDead``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import Tensor
+
+from model.gpt import GPT
+from model.sampling import SamplingRow
+from service.engine.block_manager import BlockManager
+from service.engine.config import EngineConfig
+from service.engine.embedding import EmbedJob, tokenize_inputs
+from service.engine.metrics import EngineMetrics
+from service.engine.output import TextAssembler
+from service.engine.request import (
+    RequestState,
+    next_event,
+    sampling_row,
+    usage,
+    validate_request,
+)
+from service.engine.runner import ModelRunner, kv_cache_blocks
+from service.engine.sampler import Sampled, sample_rows
+from service.engine.scheduler import RUNNING, ScheduledChunk, Scheduler, Step
+from service.engine.scheduler import Sequence as Seq
+from service.engine.types import (
+    BadRequest,
+    EmbedResult,
+    EngineDead,
+    EngineUnavailable,
+    FinishReason,
+    GenerateEvent,
+    GenerateRequest,
+    Pooling,
+    RequestFailed,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+class Engine:
+    """Continuous batching over a paged KV cache (implements ``EngineClient``)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        tokenizer: Any,
+        config: EngineConfig,
+        model_name: str,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        self.model_config = model.config
+        self.device = model.device
+        self.dtype = model.dtype
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = EngineMetrics(self.registry, model_name)
+        num_blocks = kv_cache_blocks(model, config)
+        self.max_model_len = self._context_len(num_blocks * config.block_size)
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(model, config, num_blocks, self.max_model_len)
+        self._eos_ids = frozenset(tokenizer.eos_token_ids)
+        self._cond = threading.Condition()
+        self._seqs: dict[str, Seq] = {}
+        self._aborts: set[str] = set()
+        self._embeds: deque[EmbedJob] = deque()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._state = "new"  # new -> running -> draining -> stopped, or -> dead
+        self._stop_now = False
+        self._dead: BaseException | None = None
+        self.num_steps = 0  # engine steps run so far
+
+    def _context_len(self, cache_tokens: int) -> int:
+        model_len = self.model_config.block_size
+        wanted = self.config.max_model_len or model_len
+        if wanted > model_len:
+            raise ValueError(f"max_model_len {wanted} exceeds the model's context of {model_len}")
+        if wanted > cache_tokens:
+            logger.warning(
+                "the KV cache holds %d tokens: max_model_len lowered from %d", cache_tokens, wanted
+            )
+        return min(wanted, cache_tokens)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        config: EngineConfig | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        registry: CollectorRegistry | None = None,
+    ) -> Engine:
+        """Load a model and its tokenizer by registry name or path."""
+        from model.loading import load_model
+        from model.tokenizer import Tokenizer
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        loaded = load_model(name_or_path, dtype=dtype, device=device)
+        tokenizer = Tokenizer.from_path(loaded.path)
+        return cls(loaded.model, tokenizer, config or EngineConfig(), loaded.name, registry)
+
+    # -- properties for the HTTP layer ----------------------------------------------
+
+    @property
+    def is_ready(self) -> bool:
+        return self._state == "running" and self._ready.is_set() and self._dead is None
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.blocks.usage
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the engine thread and wait until it has warmed up (blocking)."""
+        if self._state != "new":
+            raise RuntimeError(f"start() on an engine that is {self._state}")
+        self._thread = threading.Thread(target=self._run, name="gptserve-engine", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise EngineUnavailable("the engine did not warm up in time")
+        if self._dead is not None:
+            raise EngineDead(f"the engine failed to start: {self._dead!r}")
+        with self._cond:
+            if self._state == "new":
+                self._state = "running"
+
+    async def stop(self, drain_timeout: float = 30.0) -> None:
+        """Refuse new requests, let those in flight finish within ``drain_timeout``
+        seconds, end the rest with ``finish_reason="abort"``, join the thread."""
+        with self._cond:
+            if self._state in ("running", "new"):
+                self._state = "draining"
+        thread = self._thread
+        deadline = time.monotonic() + drain_timeout
+        while thread is not None and thread.is_alive() and self.scheduler.has_work():
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.sleep(0.01)
+        with self._cond:
+            self._stop_now = True
+            self._cond.notify()
+        if thread is not None:
+            await asyncio.to_thread(thread.join)
+        if self._state != "dead":
+            self._state = "stopped"
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        if (
+            self._state in ("running", "draining")
+            and self._thread is not None
+            and not self._thread.is_alive()
+        ):
+            raise EngineDead("the engine thread is gone")
+
+    def _check_accepting(self) -> None:
+        """Caller holds no lock; raises unless new work is accepted."""
+        if self._dead is not None or self._state == "dead":
+            raise EngineDead(f"the engine loop died: {self._dead!r}")
+        if self._state != "running":
+            state = {"new": "not started"}.get(self._state, self._state)
+            raise EngineUnavailable(f"the engine is {state}")
+
+    # -- requests -------------------------------------------------------------------
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Tokenize in a worker thread: a long prompt never blocks the event loop."""
+        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """Validate and enqueue now (raising ``RequestError``, ``QueueFull``,
+        ``EngineUnavailable`` or ``EngineDead`` at call time), then return the
+        event stream. Closing or cancelling the stream aborts the request; it
+        raises ``RequestFailed`` or ``EngineDead`` if the request fails later."""
+        self._check_accepting()
+        validate_request(request, self.model_config.vocab_size, self.max_model_len)
+        seq = self._new_sequence(request)
+        with self._cond:
+            self._check_accepting()
+            if request.request_id in self._seqs:
+                raise BadRequest(f"request id {request.request_id!r} is already in flight")
+            self.scheduler.add(seq)
+            self._seqs[request.request_id] = seq
+            self._cond.notify()
+        stream = self._stream(seq)
+        # A stream dropped before its first iteration never runs its ``finally``.
+        seq.state.finalizer = weakref.finalize(stream, self.abort, request.request_id)
+        return stream
+
+    def _new_sequence(self, request: GenerateRequest) -> Seq:
+        params = request.params
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        state = RequestState(
+            params=params,
+            seed=seed,
+            text=TextAssembler(self.tokenizer.detokenizer(skip_special_tokens=True), params.stop),
+            loop=asyncio.get_running_loop(),
+            queue=asyncio.Queue(),
+            eos_ids=self._eos_ids,
+            arrival=time.perf_counter(),
+        )
+        ids = list(request.prompt_token_ids)
+        return Seq(request.request_id, ids, len(ids), params.max_tokens, state=state)
+
+    async def _stream(self, seq: Seq) -> AsyncGenerator[GenerateEvent, None]:
+        queue = seq.state.queue
+        done = False
+        try:
+            while not done:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    done = True
+                    raise item
+                done = item.finish_reason is not None
+                yield item
+        finally:
+            if done:
+                seq.state.finalizer.detach()
+            else:
+                self.abort(seq.request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Thread-safe; the request ends with ``finish_reason="abort"`` within a step."""
+        with self._cond:
+            self._aborts.add(request_id)
+            self._cond.notify()
+
+    async def embed(
+        self,
+        inputs: Sequence[str | Sequence[int]],
+        pooling: Pooling = "mean",
+        normalize: bool = True,
+    ) -> EmbedResult:
+        """Pooled (mean or last token) final hidden states, L2-normalised unless told
+        otherwise. Runs in the engine loop, a step's token budget at a time; no KV
+        blocks are kept."""
+        self._check_accepting()
+        if pooling not in ("mean", "last"):
+            raise BadRequest(f"pooling must be 'mean' or 'last', got {pooling!r}", param="pooling")
+        token_lists = await asyncio.to_thread(
+            tokenize_inputs,
+            self.tokenizer,
+            inputs,
+            self.model_config.vocab_size,
+            self.max_model_len,
+        )
+        loop = asyncio.get_running_loop()
+        job = EmbedJob(token_lists, pooling, normalize, loop, loop.create_future())
+        with self._cond:
+            self._check_accepting()
+            self._embeds.append(job)
+            self._cond.notify()
+        embeddings = await job.future
+        return EmbedResult(embeddings, prompt_tokens=sum(len(t) for t in token_lists))
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self.runner.warm_up()
+        except BaseException as exc:
+            self._die(exc)
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            while self._wait_for_work():
+                self._step()
+            self._shutdown()
+        except BaseException as exc:
+            self._die(exc)
+
+    def _wait_for_work(self) -> bool:
+        """Sleep until there is work; False when the engine must stop."""
+        with self._cond:
+            while not (self._stop_now or self._aborts or self._embeds or self.scheduler.has_work()):
+                self._cond.wait()
+            return not self._stop_now
+
+    def _step(self) -> None:
+        self.num_steps += 1
+        self._apply_aborts()
+        self._run_embeds()
+        with self._cond:
+            step = self.scheduler.schedule()
+        self._account(step)
+        if step.chunks:
+            tables = [self.blocks.tables[c.seq.request_id].blocks for c in step.chunks]
+            logits = self.runner.forward(step.chunks, tables)
+            sampling = [c for c in step.chunks if c.samples]
+            self._emit(step, sampling, self._sample(sampling, logits))
+        self._flush_outbox()
+        self._update_gauges()
+
+    # schedule ------------------------------------------------------------------------
+
+    def _account(self, step: Step) -> None:
+        m, now = self.metrics, time.perf_counter()
+        m.iteration_tokens.observe(step.num_tokens)
+        m.prefix_queries.inc(step.prefix_queries)
+        m.prefix_hits.inc(step.prefix_hits)
+        if step.preempted:
+            m.preemptions.inc(len(step.preempted))
+        for seq in step.admitted:
+            st: RequestState = seq.state
+            if st.first_scheduled is None:
+                st.first_scheduled = now
+                m.queue_time.observe(now - st.arrival)
+                m.prompt_tokens.inc(seq.num_prompt_tokens)
+
+    # sample --------------------------------------------------------------------------
+
+    def _sampling_row(self, seq: Seq) -> SamplingRow:
+        """One request's sampling parameters (a hook: tests make it fail for one id)."""
+        return sampling_row(seq)
+
+    def _sample(self, chunks: list[ScheduledChunk], logits: Tensor) -> list[Sampled]:
+        """One token (and its logprobs) per chunk, or the exception its request hit."""
+        rows: list[SamplingRow | Exception] = []
+        for chunk in chunks:
+            try:
+                rows.append(self._sampling_row(chunk.seq))
+            except Exception as exc:
+                rows.append(exc)
+        return sample_rows(rows, logits, self.model_config.vocab_size)
+
+    # emit ----------------------------------------------------------------------------
+
+    def _emit(self, step: Step, chunks: list[ScheduledChunk], sampled: list[Sampled]) -> None:
+        with self._cond:
+            self.scheduler.update(step)
+        now = time.perf_counter()
+        for chunk, result in zip(chunks, sampled, strict=True):
+            seq = chunk.seq
+            if seq.status != RUNNING:
+                continue
+            if isinstance(result, Exception):
+                self._fail(seq, result)
+                continue
+            token, logprob = result
+            try:
+                event = next_event(seq, token, logprob, self.max_model_len)
+            except Exception as exc:
+                self._fail(seq, exc)
+                continue
+            self._observe_token(seq.state, now)
+            self._send(seq, event)
+            if event.finish_reason is not None:
+                self._finish(seq, event.finish_reason, now)
+
+    def _observe_token(self, st: RequestState, now: float) -> None:
+        m = self.metrics
+        m.generation_tokens.inc()
+        if st.first_token is None:
+            st.first_token = now
+            m.ttft.observe(now - st.arrival)
+            m.prefill_time.observe(now - (st.first_scheduled or st.arrival))
+        elif st.last_token is not None:
+            m.itl.observe(now - st.last_token)
+        st.last_token = now
+
+    def _finish(self, seq: Seq, reason: FinishReason | str, now: float) -> None:
+        with self._cond:
+            self.scheduler.finish(seq)
+            self._seqs.pop(seq.request_id, None)
+        st: RequestState = seq.state
+        self.metrics.finished(reason)
+        self.metrics.e2e.observe(now - st.arrival)
+        if st.first_token is not None:
+            self.metrics.decode_time.observe(now - st.first_token)
+
+    def _fail(self, seq: Seq, exc: Exception) -> None:
+        logger.error("request %s failed", seq.request_id, exc_info=exc)
+        self._send(seq, RequestFailed(f"request {seq.request_id} failed: internal error"))
+        self._finish(seq, "error", time.perf_counter())
+
+    def _abort_seq(self, seq: Seq) -> None:
+        event = GenerateEvent(seq.request_id, [], "", finish_reason="abort", usage=usage(seq))
+        self._send(seq, event)
+        self._finish(seq, "abort", time.perf_counter())
+
+    def _apply_aborts(self) -> None:
+        with self._cond:
+            ids, self._aborts = self._aborts, set()
+        for request_id in ids:
+            seq = self._seqs.get(request_id)
+            if seq is not None:
+                self._abort_seq(seq)
+
+    def _send(self, seq: Seq, item: Any) -> None:
+        st: RequestState = seq.state
+        self._outbox.setdefault(st.loop, []).append((st.queue, item))
+
+    def _flush_outbox(self) -> None:
+        """One wake-up per event loop per step, not one per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that event loop is closed: nobody is listening
+                logger.warning("dropping %d events for a closed event loop", len(items))
+
+    def _update_gauges(self) -> None:
+        self.metrics.running.set(len(self.scheduler.running))
+        self.metrics.waiting.set(len(self.scheduler.waiting))
+        self.metrics.kv_cache_usage.set(self.blocks.usage)
+
+    # embeddings ------------------------------------------------------------------------
+
+    def _run_embeds(self) -> None:
+        """Embedding inputs up to one step's token budget."""
+        budget = self.config.max_batched_tokens
+        while budget > 0:
+            with self._cond:
+                if not self._embeds:
+                    return
+                job = self._embeds[0]
+            take = job.next_inputs(budget)
+            budget -= sum(len(t) for t in take)
+            job.results.extend(self.runner.embed(take, job.pooling, job.normalize))
+            if job.done:
+                with self._cond:
+                    self._embeds.popleft()
+                job.resolve(job.results)
+
+    # shutdown and death ----------------------------------------------------------------
+
+    def _shutdown(self) -> None:
+        """Stop requested: end what is left with ``abort``, refuse pending embeddings."""
+        for seq in list(self._seqs.values()):
+            self._abort_seq(seq)
+        with self._cond:
+            jobs, self._embeds = list(self._embeds), deque()
+        for job in jobs:
+            job.resolve(EngineUnavailable("the engine stopped"))
+        self._flush_outbox()
+        self._update_gauges()
+
+    def _die(self, exc: BaseException) -> None:
+        logger.critical("the engine loop died", exc_info=exc)
+        with self._cond:
+            self._dead = exc
+            self._state = "dead"
+            seqs, self._seqs = list(self._seqs.values()), {}
+            jobs, self._embeds = list(self._embeds), deque()
+        message = f"the engine loop died: {exc!r}"
+        for seq in seqs:
+            self._send(seq, EngineDead(message))
+        for job in jobs:
+            job.resolve(EngineDead(message))
+        self._flush_outbox()

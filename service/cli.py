@@ -101,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_model_args(info)
     info.set_defaults(func=_cmd_info)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (FileNotFoundError, ValueError) as e:
+        # Model files, names and configs: the message says what to fix; no traceback.
+        print(f"gptserve: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

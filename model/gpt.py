@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +39,21 @@ class Norm(nn.Module):
         return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate-half RoPE (the Hugging Face Llama convention). x: (T, heads, hd)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama convention). x: (T, heads, hd).
+
+    ``sin_signed`` is sin with its first half negated, so that rotate_half(x) * sin
+    is x.roll(hd / 2) * sin_signed: three kernels instead of seven.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+
+@dataclass
+class StepInputs:
+    """What every layer needs and is the same for all of them: computed once per forward."""
+
+    rope: tuple[Tensor, Tensor] | None  # (cos, sin_signed), each (T, 1, hd)
+    decode_mask: Tensor | None  # (B, 1, 1, L): key j is inside sequence b's context
 
 
 class Attention(nn.Module):
@@ -65,33 +76,34 @@ class Attention(nn.Module):
         batch: ForwardBatch,
         kv_cache: KVCache | None,
         layer: int,
-        rope: tuple[Tensor, Tensor] | None,
+        step: StepInputs,
     ) -> Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.n_head, self.head_dim)  # (T, H, hd)
-        k = k.view(t, self.n_kv_head, self.head_dim)  # (T, KV, hd)
-        v = v.view(t, self.n_kv_head, self.head_dim)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.qkv(x)
+        heads = self.n_head + self.n_kv_head
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, heads, self.head_dim)  # (T, H+KV, hd)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
+        if step.rope is not None:
+            qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (T, H, hd), (T, KV, hd)
         if kv_cache is not None:
             kv_cache.write(layer, k, v, batch.slot_mapping)  # type: ignore[arg-type]
-        if kv_cache is not None and batch.is_decode:
-            y = self._decode(q, batch, kv_cache, layer)
+        if step.decode_mask is not None:
+            y = self._decode(q, batch, kv_cache, layer, step.decode_mask)  # type: ignore[arg-type]
         else:
             y = self._per_sequence(q, k, v, batch, kv_cache, layer)
         return self.proj(y.reshape(t, self.q_size))
 
-    def _decode(self, q: Tensor, batch: ForwardBatch, kv_cache: KVCache, layer: int) -> Tensor:
+    def _decode(
+        self, q: Tensor, batch: ForwardBatch, kv_cache: KVCache, layer: int, mask: Tensor
+    ) -> Tensor:
         """One new token per sequence: one batched call over the gathered blocks."""
         k, v = kv_cache.gather(layer, batch.block_tables)  # type: ignore[arg-type]  # (B, L, KV, hd)
-        keys = torch.arange(k.shape[1], device=q.device)
-        mask = keys[None, :] < batch.context_lens[:, None]  # (B, L)
         y = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (B, H, 1, hd)
             k.transpose(1, 2),  # (B, KV, L, hd)
             v.transpose(1, 2),
-            attn_mask=mask[:, None, None, :],
+            attn_mask=mask,
             scale=self.scale,
             enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, 1, hd)
@@ -172,9 +184,9 @@ class Block(nn.Module):
         batch: ForwardBatch,
         kv_cache: KVCache | None,
         layer: int,
-        rope: tuple[Tensor, Tensor] | None,
+        step: StepInputs,
     ) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), batch, kv_cache, layer, rope)
+        x = x + self.attn(self.attn_norm(x), batch, kv_cache, layer, step)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -270,8 +282,11 @@ class GPT(nn.Module):
         freqs = torch.outer(pos, inv_freq)  # (block_size, hd / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
         dtype = self.wte.weight.dtype
+        half = hd // 2
+        sin = emb.sin()
+        sin[:, :half] = -sin[:, :half]  # see apply_rope
         self.rope_cos = emb.cos().to(dtype)
-        self.rope_sin = emb.sin().to(dtype)
+        self.rope_sin = sin.to(dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -285,6 +300,21 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # -- forward ----------------------------------------------------------------------
+
+    def _step_inputs(self, batch: ForwardBatch, kv_cache: KVCache | None) -> StepInputs:
+        rope = None
+        if self.rope_cos is not None and self.rope_sin is not None:
+            rope = (
+                self.rope_cos[batch.positions][:, None, :],  # (T, 1, hd)
+                self.rope_sin[batch.positions][:, None, :],
+            )
+        mask = None
+        if kv_cache is not None and batch.is_decode:
+            # Decode reads whole blocks; keys past a sequence's length are masked out.
+            n_keys = batch.block_tables.shape[1] * kv_cache.block_size  # type: ignore[union-attr]
+            keys = torch.arange(n_keys, device=batch.context_lens.device)
+            mask = (keys[None, :] < batch.context_lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        return StepInputs(rope, mask)
 
     def forward(
         self,
@@ -305,17 +335,11 @@ class GPT(nn.Module):
                 f"position {end - 1} is past the context of {self.config.block_size} tokens"
             )
         x = self.wte(batch.input_ids)  # (T, C)
-        rope = None
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
-        else:
-            assert self.rope_cos is not None and self.rope_sin is not None  # set at construction
-            rope = (
-                self.rope_cos[batch.positions][:, None, :],
-                self.rope_sin[batch.positions][:, None, :],
-            )
+        step = self._step_inputs(batch, kv_cache)
         for i, block in enumerate(self.layers):
-            x = block(x, batch, kv_cache, i, rope)
+            x = block(x, batch, kv_cache, i, step)
         x = self.norm(x)
         if return_hidden:
             return x

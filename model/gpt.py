@@ -190,6 +190,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def _embedding(num: int, dim: int) -> nn.Embedding:
+    """An embedding without random init: weights are always assigned after construction,
+    and normal_() on the meta device costs ~0.7 s of lazy imports at start-up."""
+    return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
+
+
 class GPT(nn.Module):
     rope_cos: Tensor | None
     rope_sin: Tensor | None
@@ -197,9 +203,9 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = _embedding(config.vocab_size, config.n_embd)
         self.wpe = (
-            nn.Embedding(config.block_size, config.n_embd) if config.learned_positions else None
+            _embedding(config.block_size, config.n_embd) if config.learned_positions else None
         )
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = Norm(config)

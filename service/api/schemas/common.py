@@ -6,6 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.engine.types import SamplingParams
 from service.settings import (
     HARD_MAX_LOGPROBS,
     HARD_MAX_N,
@@ -54,3 +55,37 @@ class UsageOut(ResponseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+
+
+class SamplingFields(StrictModel):
+    """Sampling knobs shared by /generate, /v1/completions and /v1/chat/completions."""
+
+    temperature: Temperature = 1.0
+    top_k: TopK = 0
+    top_p: TopP = 1.0
+    min_p: MinP = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    stop_token_ids: StopTokenIds = Field(default_factory=list)
+    seed: Seed = None
+    ignore_eos: bool = False
+
+    def _sampling_params(
+        self, max_tokens: int, stop: list[str], seed: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids),
+            seed=seed,
+            logprobs=logprobs,
+            ignore_eos=self.ignore_eos,
+        )

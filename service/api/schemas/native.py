@@ -9,19 +9,12 @@ from pydantic import Field
 from service.api.schemas.common import (
     MAX_TEXT_CHARS,
     MaxTokens,
-    MinP,
-    Penalty,
-    RepetitionPenalty,
     ResponseModel,
-    Seed,
+    SamplingFields,
     StopList,
-    StopTokenIds,
     StrictModel,
-    Temperature,
     TokenIds,
-    TopK,
     TopLogprobs,
-    TopP,
     UsageOut,
 )
 from service.api.serving import Limits, check_cap, check_stop, check_token_ids
@@ -29,27 +22,17 @@ from service.engine.types import SamplingParams
 from service.settings import HARD_MAX_BATCH
 
 
-class GenerateBody(StrictModel):
+class GenerateBody(SamplingFields):
     """``POST /generate``: sampling parameters are flat; every number is bounded."""
 
     prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     max_tokens: MaxTokens = None
-    temperature: Temperature = 1.0
-    top_k: TopK = 0
-    top_p: TopP = 1.0
-    min_p: MinP = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
     stop: StopList = Field(
         default_factory=list, description="strings that end generation (never emitted)"
     )
-    stop_token_ids: StopTokenIds = Field(default_factory=list)
-    seed: Seed = None
     logprobs: TopLogprobs = Field(
         None, description="return each token's logprob and the top n alternatives"
     )
-    ignore_eos: bool = False
     stream: bool = False
     return_token_ids: bool = Field(False, description="include the generated token ids")
 
@@ -59,21 +42,7 @@ class GenerateBody(StrictModel):
         check_cap(self.logprobs, limits.max_logprobs, "logprobs")
 
     def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            stop=list(self.stop),
-            stop_token_ids=list(self.stop_token_ids),
-            seed=self.seed,
-            logprobs=self.logprobs,
-            ignore_eos=self.ignore_eos,
-        )
+        return self._sampling_params(max_tokens, list(self.stop), self.seed, self.logprobs)
 
 
 class TopTokenOut(ResponseModel):

@@ -19,20 +19,13 @@ from service.api.schemas.common import (
     MAX_TEXT_CHARS,
     ChoiceCount,
     MaxTokens,
-    MinP,
-    Penalty,
-    RepetitionPenalty,
     ResponseModel,
-    Seed,
+    SamplingFields,
     StopList,
     StopString,
-    StopTokenIds,
     StrictModel,
-    Temperature,
     TokenIds,
-    TopK,
     TopLogprobs,
-    TopP,
 )
 from service.api.serving import Limits, check_cap, check_stop, check_token_ids
 from service.engine.types import SamplingParams
@@ -48,28 +41,18 @@ class StreamOptions(StrictModel):
     include_usage: bool = False
 
 
-class _SamplingFields(StrictModel):
+class _SamplingFields(SamplingFields):
     """Fields common to completions and chat completions."""
 
     model: ModelName
     n: ChoiceCount = 1
-    temperature: Temperature = 1.0
-    top_p: TopP = 1.0
-    presence_penalty: Penalty = 0.0
-    frequency_penalty: Penalty = 0.0
     stop: StopString | StopList | None = None
-    seed: Seed = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
     logit_bias: Annotated[
         dict[str, float] | None, Field(max_length=0, description="only empty")
     ] = None
-    top_k: TopK = 0
-    min_p: MinP = 0.0
-    repetition_penalty: RepetitionPenalty = 1.0
-    ignore_eos: bool = False
-    stop_token_ids: StopTokenIds = Field(default_factory=list)
 
     @property
     def stop_list(self) -> list[str]:
@@ -92,21 +75,7 @@ class _SamplingFields(StrictModel):
     def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
         # Distinct seeds per choice, or n seeded choices would all be the same text.
         seed = None if self.seed is None else (self.seed + choice) % 2**63
-        return SamplingParams(
-            max_tokens=max_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            stop=self.stop_list,
-            stop_token_ids=list(self.stop_token_ids),
-            seed=seed,
-            logprobs=logprobs,
-            ignore_eos=self.ignore_eos,
-        )
+        return self._sampling_params(max_tokens, self.stop_list, seed, logprobs)
 
 
 class CompletionBody(_SamplingFields):

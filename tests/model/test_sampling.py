@@ -373,3 +373,36 @@ def test_cuda_matches_cpu_without_host_sync() -> None:
     assert torch.equal(gpu.token_ids.cpu(), cpu.token_ids)
     keys = sampling._row_keys(list(range(16)), [3] * 16)
     assert torch.equal(gumbel_noise(keys.cuda(), vocab).cpu(), gumbel_noise(keys, vocab))
+
+
+def test_cpu_top_p_probe_matches_the_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU shortcut (best candidates only) masks exactly what the full sort masks,
+    and falls back to the sort when a row's nucleus is wider than the candidates."""
+    vocab = 8 * sampling._TOP_P_PROBE
+    gen = torch.Generator().manual_seed(3)
+    peaked = torch.randn(3, vocab, generator=gen) * 4.0  # nucleus well inside the probe
+    flat = torch.randn(1, vocab, generator=gen) * 0.01  # nucleus of ~90% of the vocabulary
+    logits = torch.cat([peaked, flat])
+    rows = [SamplingRow(temperature=1.0, top_p=p) for p in (0.5, 0.9, 1.0, 0.9)]
+    filters = build(rows, vocab).filters
+
+    calls: list[bool] = []
+    probe = sampling._top_p_probe
+
+    def spy(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor | None:
+        out = probe(x, p)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(sampling, "_top_p_probe", spy)
+    fast = apply_filters(peaked, build(rows[:3], vocab).filters)
+    mixed = apply_filters(logits, filters)
+    monkeypatch.setattr(sampling, "_top_p_probe", lambda x, p: None)
+    full = apply_filters(logits, filters)
+
+    assert calls == [True, False]  # the flat row forces the full sort
+    assert torch.equal(torch.isinf(fast), torch.isinf(full[:3]))
+    assert torch.equal(mixed, full)
+    kept = (~torch.isinf(full)).sum(dim=-1)
+    assert kept[2] == vocab  # p == 1 keeps everything
+    assert 1 <= kept[0] < kept[1] < sampling._TOP_P_PROBE

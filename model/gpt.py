@@ -264,10 +264,8 @@ class GPT(nn.Module):
     ) -> GPT:
         """A randomly initialised model, for tests and benchmarks of the machinery."""
         gen = torch.Generator().manual_seed(seed)
-        with torch.device("meta"):
-            shapes = {n: p.shape for n, p in cls(config).named_parameters()}
         state = {}
-        for name, shape in shapes.items():
+        for name, shape in cls.param_shapes(config).items():
             if name.endswith("norm.weight"):
                 state[name] = torch.ones(shape)
             elif name.endswith("bias"):
@@ -275,6 +273,12 @@ class GPT(nn.Module):
             else:
                 state[name] = torch.randn(shape, generator=gen) * 0.05
         return cls.from_state_dict(config, state, dtype=dtype, device=device)
+
+    @classmethod
+    def param_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Parameter names and shapes (a tied ``lm_head`` is ``wte`` and not listed)."""
+        with torch.device("meta"):
+            return {name: tuple(p.shape) for name, p in cls(config).named_parameters()}
 
     def _init_rope(self, device: torch.device) -> None:
         if self.config.learned_positions:

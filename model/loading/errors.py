@@ -19,7 +19,6 @@ class ModelFileError(ValueError):
         self.key = key
         where = f"{self.path}" if key is None else f"{self.path} [{key}]"
         super().__init__(f"{where}: {message}")
-        self.reason = message
 
 
 class ModelConfigFileError(ModelFileError, ConfigError):

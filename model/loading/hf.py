@@ -127,14 +127,15 @@ def _assemble(tensors: list[Tensor]) -> Tensor:
 
 
 def _plan(config: ModelConfig, names: dict[str, Path]) -> tuple[Plan, Callable[[str], bool]]:
+    """The plan, and which file tensors may go unused: old exports' buffers, a tied head."""
     if config.arch == "gpt2":
         prefix = "transformer." if "transformer.wte.weight" in names else ""
+        plan = _gpt2_plan(config, prefix)
         buffers = re.compile(rf"{re.escape(prefix)}h\.\d+\.attn\.(bias|masked_bias)")
-        return _gpt2_plan(
-            config, prefix
-        ), lambda n: bool(buffers.fullmatch(n)) or _tied_head(config, n)
-    rotary = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-    return _llama_plan(config), lambda n: bool(rotary.fullmatch(n)) or _tied_head(config, n)
+    else:
+        plan = _llama_plan(config)
+        buffers = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+    return plan, lambda n: bool(buffers.fullmatch(n)) or _tied_head(config, n)
 
 
 def _tied_head(config: ModelConfig, name: str) -> bool:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from model.config import ModelConfig
 from model.gpt import GPT
@@ -39,13 +38,6 @@ class Part:
 Plan = dict[str, list[Part]]  # our parameter name -> its parts, in row order
 
 
-def param_shapes(config: ModelConfig) -> dict[str, Shape]:
-    """Our parameter names and shapes (a tied ``lm_head`` is ``wte`` and not listed)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
 def check_plan(
     path: Path,
     plan: Plan,
@@ -54,7 +46,7 @@ def check_plan(
     ignored: Callable[[str], bool] = lambda name: False,
 ) -> None:
     """Every part present with its exact shape, and no file tensor left unused."""
-    targets = param_shapes(config)
+    targets = GPT.param_shapes(config)
     used: set[str] = set()
     for target, parts in plan.items():
         for part in parts:

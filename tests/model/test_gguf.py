@@ -128,6 +128,20 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     )
 
 
+# llama.cpp's name of each per-layer Llama tensor -> the Hugging Face one
+LLAMA_LAYER_NAMES = dict(
+    attn_norm="input_layernorm",
+    ffn_norm="post_attention_layernorm",
+    attn_q="self_attn.q_proj",
+    attn_k="self_attn.k_proj",
+    attn_v="self_attn.v_proj",
+    attn_output="self_attn.o_proj",
+    ffn_gate="mlp.gate_proj",
+    ffn_up="mlp.up_proj",
+    ffn_down="mlp.down_proj",
+)
+
+
 def llama_gguf_tensors(hf, types: dict[str, Q] | None = None) -> dict[str, tuple[np.ndarray, Q]]:
     """The tensors llama.cpp's converter writes for an HF Llama; ``types`` picks the
     type per GGUF name suffix (default F32)."""
@@ -139,19 +153,8 @@ def llama_gguf_tensors(hf, types: dict[str, Q] | None = None) -> dict[str, tuple
     }
     if not cfg.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
-    names = dict(
-        attn_norm="input_layernorm",
-        ffn_norm="post_attention_layernorm",
-        attn_q="self_attn.q_proj",
-        attn_k="self_attn.k_proj",
-        attn_v="self_attn.v_proj",
-        attn_output="self_attn.o_proj",
-        ffn_gate="mlp.gate_proj",
-        ffn_up="mlp.up_proj",
-        ffn_down="mlp.down_proj",
-    )
     for i in range(cfg.num_hidden_layers):
-        for ours, theirs in names.items():
+        for ours, theirs in LLAMA_LAYER_NAMES.items():
             for p in ("weight", "bias"):
                 key = f"model.layers.{i}.{theirs}.{p}"
                 if key not in sd:
@@ -184,10 +187,8 @@ def llama_meta(cfg) -> dict:
         "llama.attention.layer_norm_rms_epsilon": ("add_float32", cfg.rms_norm_eps),
         "llama.rope.dimension_count": ("add_uint32", cfg.hidden_size // cfg.num_attention_heads),
         "tokenizer.ggml.tokens": ("add_array", [f"t{i}" for i in range(cfg.vocab_size)]),
-        "llama.block_coun2": (
-            "add_uint32",
-            0,
-        ),  # unused key, as long as a real one (for "duplicate-key")
+        # unused, and as long as a real key: "duplicate-key" renames it to one
+        "llama.block_coun2": ("add_uint32", 0),
     }
 
 
@@ -232,23 +233,17 @@ def test_quantized_tiny_llama_matches_transformers_on_the_same_values(hf_checkpo
     path = write_gguf(tmp_path / "q.gguf", "llama", tensors, llama_meta(ckpt.hf.config))
     model, _ = load_gguf(path)
 
+    # the same types by the Hugging Face name's last part (q_proj, embed_tokens, ...)
+    hf_types = {
+        LLAMA_LAYER_NAMES[k].split(".")[-1]: q for k, q in types.items() if k in LLAMA_LAYER_NAMES
+    }
+    hf_types.update(embed_tokens=types["token_embd"], lm_head=types["output"])
     reference = copy.deepcopy(ckpt.hf)
     with torch.no_grad():
         for name, p in reference.named_parameters():
-            if (
-                p.dim() == 2
-            ):  # what quantization left: quantization is row-wise, so no permute needed
-                qtype = {
-                    "q_proj": Q.Q8_0,
-                    "k_proj": Q.Q4_1,
-                    "v_proj": Q.Q4_1,
-                    "o_proj": Q.Q5_0,
-                    "gate_proj": Q.Q4_1,
-                    "up_proj": Q.Q4_1,
-                    "down_proj": Q.Q8_0,
-                    "embed_tokens": Q.Q8_0,
-                    "lm_head": Q.Q5_1,
-                }[name.split(".")[-2]]
+            # what quantization left: quantization is row-wise, so no permute needed
+            if p.dim() == 2:
+                qtype = hf_types[name.split(".")[-2]]
                 p.copy_(
                     torch.from_numpy(
                         gguf.quants.dequantize(encode(p.detach().numpy(), qtype), qtype)

@@ -118,26 +118,17 @@ def test_position_past_context_is_refused(pair):
         model(batch)
 
 
+BASE = dict(arch="llama", vocab_size=50, n_layer=2, n_head=4, n_embd=32, intermediate_size=48)
+
+
 def test_random_model_runs_through_the_cache():
-    config = ModelConfig(
-        arch="llama",
-        vocab_size=50,
-        n_layer=2,
-        n_head=4,
-        n_kv_head=1,
-        n_embd=32,
-        intermediate_size=48,
-        block_size=32,
-    )
+    config = ModelConfig(**BASE, n_kv_head=1, block_size=32)
     model = GPT.random(config, seed=0)
     kv = KVCache(config, num_blocks=8, block_size=BLOCK)
     full = run(model, None, [[1, 2, 3, 4, 5]], [0], None)
     table = scattered_tables([5], 8)
     run(model, kv, [[1, 2, 3, 4]], [0], table)
     torch.testing.assert_close(run(model, kv, [[5]], [4], table)[0], full[4], **TOL)
-
-
-BASE = dict(arch="llama", vocab_size=50, n_layer=2, n_head=4, n_embd=32, intermediate_size=48)
 
 
 @pytest.mark.parametrize(

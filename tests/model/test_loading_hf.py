@@ -80,9 +80,7 @@ def test_gpt2_names_without_prefix_and_old_buffers(hf_checkpoint, tmp_path):
 
     def strip(t):
         out = {k.removeprefix("transformer."): v for k, v in t.items()}
-        out["h.0.attn.bias"] = torch.tril(
-            torch.ones(1, 1, 64, 64)
-        )  # causal-mask buffer of old exports
+        out["h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 64, 64))  # old exports' causal mask
         out["h.1.attn.masked_bias"] = torch.tensor(-1e4)
         return out
 

@@ -157,7 +157,7 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             return cls.from_dir(path)
-        if path.is_file() and path.suffix == ".gguf":
+        if path.is_file() and path.suffix.lower() == ".gguf":  # as the registry accepts it
             return cls.from_gguf(path)
         raise TokenizerError(f"{path}: expected a checkpoint directory or a .gguf file")
 

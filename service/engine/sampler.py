@@ -18,17 +18,12 @@ def sample_rows(
 ) -> list[Sampled]:
     """One result per row of ``logits`` (N, vocab). A row given as an exception (its
     parameters could not be built) stays that exception."""
-    out: list[Sampled] = [
-        r if isinstance(r, Exception) else RuntimeError("unsampled") for r in rows
-    ]
-    good = [i for i, r in enumerate(rows) if not isinstance(r, Exception)]
-    if not good:
-        return out
-    picked = logits if len(good) == len(rows) else logits[good]
     good_rows = [r for r in rows if not isinstance(r, Exception)]
-    for i, result in zip(good, _sample_isolated(good_rows, picked, vocab_size), strict=True):
-        out[i] = result
-    return out
+    if len(good_rows) == len(rows):  # the common case: every row's parameters were built
+        return _sample_isolated(good_rows, logits, vocab_size)
+    good = [i for i, r in enumerate(rows) if not isinstance(r, Exception)]
+    drawn = iter(_sample_isolated(good_rows, logits[good], vocab_size) if good else [])
+    return [r if isinstance(r, Exception) else next(drawn) for r in rows]
 
 
 def _plain_greedy(row: SamplingRow) -> bool:

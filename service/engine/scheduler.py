@@ -53,7 +53,6 @@ class Sequence:
     status: str = WAITING
     num_preemptions: int = 0
     state: Any = None
-    admitted_once: bool = False
 
     @property
     def num_output_tokens(self) -> int:
@@ -129,22 +128,22 @@ class Scheduler:
         budget = self.config.max_batched_tokens
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         prefills = [s for s in self.running if s.num_uncomputed > 1]
-        wanted: dict[int, int] = {id(s): 1 for s in decodes}
+        wanted: dict[Sequence, int] = {s: 1 for s in decodes}
         budget -= len(decodes)
         for seq in prefills:
             n = min(seq.num_uncomputed, budget)
             if n > 0:
-                wanted[id(seq)] = n
+                wanted[seq] = n
                 budget -= n
         for seq in list(self.running):  # admission order: victims come from the tail
-            if seq.status != RUNNING or id(seq) not in wanted:
+            if seq.status != RUNNING or seq not in wanted:
                 continue
-            if self._reserve(seq, wanted[id(seq)], step):
-                step.chunks.append(ScheduledChunk(seq, seq.num_computed, wanted[id(seq)]))
+            if self._reserve(seq, wanted[seq], step):
+                step.chunks.append(ScheduledChunk(seq, seq.num_computed, wanted[seq]))
         # Decodes first in the batch, as promised (they were reserved in admission order).
         step.chunks.sort(key=lambda c: not (c.length == 1 and c.samples))
+        # Without preemption every wanted chunk was scheduled: ``budget`` is what is left.
         if not step.preempted:
-            budget = self.config.max_batched_tokens - step.num_tokens
             self._admit(step, budget)
         return step
 
@@ -185,9 +184,8 @@ class Scheduler:
             self.waiting_tokens -= len(seq.token_ids)
             step.prefix_queries += len(seq.token_ids)
             step.prefix_hits += cached
-            if not seq.admitted_once:
+            if seq.num_preemptions == 0:  # first admission (only preemption sends one back)
                 seq.num_cached_tokens = cached
-                seq.admitted_once = True
             seq.num_computed = cached
             seq.status = RUNNING
             self.running.append(seq)

@@ -114,6 +114,12 @@ def run(engine: Engine, main: Callable[[], Awaitable[T]]) -> T:
     return result
 
 
+def metric(engine: Engine, name: str, **labels: str) -> float:
+    """A sample of the engine's registry (0 when never recorded)."""
+    value = engine.registry.get_sample_value(name, {"model_name": "tiny", **labels})
+    return 0.0 if value is None else value
+
+
 def greedy(max_tokens: int, **kw: Any) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, **kw)
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 import torch
-from engine_testlib import ByteTokenizer, collect, greedy, prompt_of, tiny_model, tokens_of
+from engine_testlib import ByteTokenizer, collect, greedy, prompt_of, run, tiny_model, tokens_of
 
 from model.registry import DEFAULT_MODEL
 from service.engine.config import EngineConfig
@@ -63,12 +63,9 @@ def run_all(make, replay: bool | None) -> list[list[int]]:
 
     async def main():
         got = await asyncio.gather(*(collect(engine, p, params) for p, params in cases()))
-        await engine.stop(1.0)
         return [tokens_of(e) for e in got]
 
-    result = asyncio.run(main())
-    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
-    return result
+    return run(engine, main)  # also checks that no KV block leaked
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ from engine_testlib import (
     collect,
     greedy,
     make_engine,
+    metric,
     prompt_of,
     reference_greedy,
     run,
@@ -25,11 +26,6 @@ from service.engine.types import SamplingParams
 # 18 requests: prompts from 1 to 150 tokens (several longer than the 64-token
 # step budget: chunked prefill), outputs from 1 to 24 tokens.
 CASES = [(prompt_of(i, 1 + (37 * i) % 150), 1 + (5 * i) % 24) for i in range(18)]
-
-
-def metric(engine, name: str, **labels: str) -> float:
-    value = engine.registry.get_sample_value(name, {"model_name": "tiny", **labels})
-    return 0.0 if value is None else value
 
 
 def sampled(seed: int, n: int) -> SamplingParams:

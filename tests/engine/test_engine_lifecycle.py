@@ -9,9 +9,11 @@ import math
 import pytest
 import torch
 from engine_testlib import (
+    ByteTokenizer,
     collect,
     greedy,
     make_engine,
+    metric,
     prompt_of,
     reference_greedy,
     run,
@@ -21,6 +23,10 @@ from engine_testlib import (
 from prometheus_client import generate_latest
 
 from model.kv_cache import ForwardBatch
+from service.engine import engine as engine_module
+from service.engine import sampler as sampler_module
+from service.engine.config import EngineConfig
+from service.engine.engine import Engine
 from service.engine.types import (
     BadRequest,
     ContextLengthExceeded,
@@ -29,12 +35,8 @@ from service.engine.types import (
     GenerateRequest,
     QueueFull,
     RequestFailed,
+    SamplingParams,
 )
-
-
-def metric(engine, name: str, **labels: str) -> float:
-    value = engine.registry.get_sample_value(name, {"model_name": "tiny", **labels})
-    return 0.0 if value is None else value
 
 
 async def wait_until(cond, timeout: float = 5.0) -> None:
@@ -47,6 +49,14 @@ async def wait_until(cond, timeout: float = 5.0) -> None:
 
 def long_request(rid: str = "long") -> GenerateRequest:
     return GenerateRequest(prompt_of(1, 40), greedy(400, ignore_eos=True), rid)
+
+
+async def blocks_back(engine) -> None:
+    await wait_until(lambda: engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+
+
+def aborts(engine) -> float:
+    return metric(engine, "gptserve_request_success_total", finished_reason="abort")
 
 
 # -- abort and disconnects -------------------------------------------------------------
@@ -68,7 +78,7 @@ def test_abort_frees_blocks_within_one_step() -> None:
 
     events = run(engine, main)
     assert events[-1].finish_reason == "abort" and events[-1].usage.completion_tokens < 400
-    assert metric(engine, "gptserve_request_success_total", finished_reason="abort") == 1
+    assert aborts(engine) == 1
 
 
 async def consumer_gone_frees_blocks(engine, leave) -> None:
@@ -76,7 +86,7 @@ async def consumer_gone_frees_blocks(engine, leave) -> None:
     await anext(stream)
     steps = engine.num_steps
     await leave(stream)
-    await wait_until(lambda: engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+    await blocks_back(engine)
     assert engine.num_steps - steps <= 3  # the loop noticed within a step or so
     await wait_until(lambda: engine.num_running == 0)
 
@@ -84,7 +94,7 @@ async def consumer_gone_frees_blocks(engine, leave) -> None:
 def test_closing_the_stream_aborts() -> None:
     engine = make_engine()
     run(engine, lambda: consumer_gone_frees_blocks(engine, lambda s: s.aclose()))
-    assert metric(engine, "gptserve_request_success_total", finished_reason="abort") == 1
+    assert aborts(engine) == 1
 
 
 def test_breaking_out_of_async_for_aborts() -> None:
@@ -93,10 +103,10 @@ def test_breaking_out_of_async_for_aborts() -> None:
     async def main():
         async for _ in engine.generate(long_request()):
             break  # the generator is dropped: asyncio finalises it, which aborts
-        await wait_until(lambda: engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+        await blocks_back(engine)
 
     run(engine, main)
-    assert metric(engine, "gptserve_request_success_total", finished_reason="abort") == 1
+    assert aborts(engine) == 1
 
 
 def test_cancelling_the_consumer_task_aborts() -> None:
@@ -114,10 +124,10 @@ def test_cancelling_the_consumer_task_aborts() -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await wait_until(lambda: engine.blocks.num_free_blocks == engine.blocks.num_blocks)
+        await blocks_back(engine)
 
     run(engine, main)
-    assert metric(engine, "gptserve_request_success_total", finished_reason="abort") == 1
+    assert aborts(engine) == 1
 
 
 def test_a_stream_dropped_unread_is_aborted() -> None:
@@ -129,7 +139,7 @@ def test_a_stream_dropped_unread_is_aborted() -> None:
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
 
     run(engine, main)
-    assert metric(engine, "gptserve_request_success_total", finished_reason="abort") == 1
+    assert aborts(engine) == 1
 
 
 def test_finished_streams_leave_no_abort_behind() -> None:
@@ -148,14 +158,14 @@ def test_finished_streams_leave_no_abort_behind() -> None:
 
 def test_poisoned_request_fails_alone(monkeypatch) -> None:
     engine = make_engine()
-    real = engine._sampling_row
+    real = engine_module.sampling_row
 
     def poisoned(seq):
         if seq.request_id == "bad" and seq.num_output_tokens == 2:
             raise RuntimeError("boom")
         return real(seq)
 
-    monkeypatch.setattr(engine, "_sampling_row", poisoned)
+    monkeypatch.setattr(engine_module, "sampling_row", poisoned)
     good = [(prompt_of(i, 10 + i), 8) for i in range(3)]
 
     async def bad():
@@ -179,9 +189,7 @@ def test_poisoned_request_fails_alone(monkeypatch) -> None:
 def test_poisoned_sampled_request_in_a_random_batch_fails_alone(monkeypatch) -> None:
     """A bad row inside the batched sampler: found by sampling the rows one by one."""
     engine = make_engine()
-    from service.engine import sampler as engine_module
-
-    real = engine_module.sample
+    real = sampler_module.sample
 
     def fragile(logits, batch):
         if batch.size > 1 and float(batch.temperature.max()) > 1.5:
@@ -190,8 +198,7 @@ def test_poisoned_sampled_request_in_a_random_batch_fails_alone(monkeypatch) -> 
             raise RuntimeError("this row")
         return real(logits, batch)
 
-    monkeypatch.setattr(engine_module, "sample", fragile)
-    from service.engine.types import SamplingParams
+    monkeypatch.setattr(sampler_module, "sample", fragile)
 
     async def bad():
         with pytest.raises(RequestFailed):
@@ -281,11 +288,6 @@ def test_queue_full() -> None:
 
 
 def test_not_started_and_draining_refuse_requests() -> None:
-    from engine_testlib import ByteTokenizer
-
-    from service.engine.config import EngineConfig
-    from service.engine.engine import Engine
-
     idle = Engine(tiny_model(), ByteTokenizer(), EngineConfig(kv_cache_tokens=256), "tiny")
 
     async def refused():

@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+from model.registry import DEFAULT_MODEL
+
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from model.generate import generate
@@ -34,7 +36,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     detok = tokenizer.detokenizer()
     stop_ids = frozenset() if args.ignore_eos else tokenizer.eos_token_ids
-    for token in generate(loaded.model, ids, args.max_tokens, pick=pick, stop_ids=stop_ids):
+    # Greedy needs no sampler: the loop's own argmax is the same choice.
+    chooser = pick if args.temperature > 0 else None
+    for token in generate(loaded.model, ids, args.max_tokens, pick=chooser, stop_ids=stop_ids):
         if token in stop_ids:
             break
         sys.stdout.write(detok.push(token))
@@ -63,7 +67,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default="smollm2-135m-instruct", help="registry name, HF directory or .gguf file"
+        "--model", default=DEFAULT_MODEL, help="registry name, HF directory or .gguf file"
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 

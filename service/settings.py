@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from model.registry import DEFAULT_MODEL
+
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -37,7 +39,7 @@ class Settings(BaseSettings):
 
     # -- model and placement
     model: str = Field(
-        default="smollm2-135m-instruct",
+        default=DEFAULT_MODEL,
         min_length=1,
         description="model to serve: a known name, a Hugging Face checkpoint directory or a GGUF file",
     )

@@ -8,7 +8,6 @@ generic 500 so that internals never reach the client.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -150,7 +149,7 @@ def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
     return f"invalid value for '{param}': {message}{extra}", param
 
 
-async def _on_api_error(request: Request, exc: Exception) -> Response:
+async def _on_error(request: Request, exc: Exception) -> Response:
     return as_api_error(exc).response()
 
 
@@ -176,21 +175,12 @@ def _http_code(status: int) -> str:
     )
 
 
-async def _on_unexpected(request: Request, exc: Exception) -> Response:
-    return as_api_error(exc).response()
-
-
 def install_error_handlers(app: FastAPI) -> None:
-    app.add_exception_handler(APIError, _on_api_error)
-    app.add_exception_handler(EngineError, _on_api_error)
+    app.add_exception_handler(APIError, _on_error)
+    app.add_exception_handler(EngineError, _on_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
-    app.add_exception_handler(Exception, _on_unexpected)
-
-
-def sse_error_event(exc: BaseException) -> str:
-    """An error that happens after a stream began, as one SSE ``data:`` payload."""
-    return json.dumps(as_api_error(exc).body())
+    app.add_exception_handler(Exception, _on_error)
 
 
 # Declared on every route so that the OpenAPI schema lists the error responses.

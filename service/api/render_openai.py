@@ -13,7 +13,7 @@ import numpy as np
 
 from service.api.render import chat_logprobs, choice_usage, legacy_logprobs, total_usage
 from service.api.serving import Choice, Generation
-from service.engine.types import TokenizerLike, Usage
+from service.engine.types import GenerateEvent, TokenizerLike, Usage
 
 UsageSink = Callable[[dict[str, Any]], None]
 
@@ -81,32 +81,25 @@ def completion_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
     return reply.body(rendered, [choice_usage(c) for c in choices])
 
 
-async def completion_chunks(
+def completion_chunks(
     reply: Reply, generation: Generation, on_usage: UsageSink
 ) -> AsyncIterator[dict[str, Any]]:
     offsets: dict[int, int] = {}
-    usages: dict[int, Usage] = {}
-    async for index, event in generation.events():
-        if not event.text and event.finish_reason is None and not event.logprobs:
-            continue  # a held-back piece: nothing to show yet
+
+    def choice(index: int, event: GenerateEvent) -> dict[str, Any]:
         logprobs = None
         if reply.logprobs:
             logprobs, offsets[index] = legacy_logprobs(
                 reply.tokenizer, event.logprobs or [], offsets.get(index, 0)
             )
-        if event.usage is not None:
-            usages[index] = event.usage
-        choice = {
+        return {
             "index": index,
             "text": event.text,
             "logprobs": logprobs,
             "finish_reason": event.finish_reason,
         }
-        yield reply.chunk([choice])
-    usage = total_usage(list(usages.values()), reply.prompt_tokens)
-    on_usage(usage)
-    if reply.include_usage:
-        yield reply.chunk([], usage)
+
+    return _chunks(reply, generation, on_usage, choice)
 
 
 # -- /v1/chat/completions ------------------------------------------------------------------
@@ -128,12 +121,20 @@ def chat_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
     return reply.body(rendered, [choice_usage(c) for c in choices])
 
 
-async def chat_chunks(
+def chat_chunks(
     reply: Reply, generation: Generation, on_usage: UsageSink
 ) -> AsyncIterator[dict[str, Any]]:
-    usages: dict[int, Usage] = {}
-    for index in range(len(generation.streams)):
-        yield reply.chunk(
+    def choice(index: int, event: GenerateEvent) -> dict[str, Any]:
+        logprobs = chat_logprobs(reply.tokenizer, event.logprobs or []) if reply.logprobs else None
+        return {
+            "index": index,
+            "delta": {"content": event.text} if event.text else {},
+            "logprobs": logprobs,
+            "finish_reason": event.finish_reason,
+        }
+
+    roles = [
+        reply.chunk(
             [
                 {
                     "index": index,
@@ -143,23 +144,28 @@ async def chat_chunks(
                 }
             ]
         )
+        for index in range(len(generation.streams))
+    ]
+    return _chunks(reply, generation, on_usage, choice, first=roles)
+
+
+async def _chunks(
+    reply: Reply,
+    generation: Generation,
+    on_usage: UsageSink,
+    choice: Callable[[int, GenerateEvent], dict[str, Any]],
+    first: Sequence[dict[str, Any]] = (),
+) -> AsyncIterator[dict[str, Any]]:
+    """``first``, then one chunk per event with something to show, then the usage."""
+    for chunk in first:
+        yield chunk
+    usages: dict[int, Usage] = {}
     async for index, event in generation.events():
         if not event.text and event.finish_reason is None and not event.logprobs:
-            continue
+            continue  # a held-back piece: nothing to show yet
         if event.usage is not None:
             usages[index] = event.usage
-        logprobs = chat_logprobs(reply.tokenizer, event.logprobs or []) if reply.logprobs else None
-        delta = {"content": event.text} if event.text else {}
-        yield reply.chunk(
-            [
-                {
-                    "index": index,
-                    "delta": delta,
-                    "logprobs": logprobs,
-                    "finish_reason": event.finish_reason,
-                }
-            ]
-        )
+        yield reply.chunk([choice(index, event)])
     usage = total_usage(list(usages.values()), reply.prompt_tokens)
     on_usage(usage)
     if reply.include_usage:

@@ -9,6 +9,7 @@ at once and refuses new work while requests in flight finish.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -180,6 +181,7 @@ class Runtime:
             self.phase = "stopped"
 
 
+@functools.cache
 def package_version() -> str:
     try:
         return version("gptserve")

@@ -22,7 +22,7 @@ import typing
 from typing import Any
 
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import ValidationError
 
 from service.api.app import create_app
 from service.api.runtime import Runtime
@@ -135,8 +135,6 @@ def _flag_kind(annotation: Any) -> type:
     first = options[0]
     if first in (bool, int, float):
         return typing.cast(type, first)
-    if first is SecretStr or typing.get_origin(first) is typing.Literal:
-        return str
     return str
 
 

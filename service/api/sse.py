@@ -17,7 +17,7 @@ import anyio
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.errors import sse_error_event
+from service.api.errors import as_api_error
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ async def sse_stream(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[b
         async for payload in payloads:
             yield encode_event(payload)
     except Exception as exc:  # after the 200 went out, errors travel in-band
-        yield f"data: {sse_error_event(exc)}\n\n".encode()
+        yield encode_event(as_api_error(exc).body())
     yield DONE
 
 

@@ -17,10 +17,6 @@ from service.api.app import create_app
 from service.settings import Settings
 
 
-def make_settings(**overrides: Any) -> Settings:
-    return Settings(**overrides)
-
-
 def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -32,7 +28,7 @@ def wait_ready(client: TestClient, timeout: float = 10.0) -> None:
 
 @contextmanager
 def serve(engine: FakeEngine, wait: bool = True, **overrides: Any) -> Iterator[TestClient]:
-    app = create_app(make_settings(**overrides), engine_factory=lambda _settings: engine)
+    app = create_app(Settings(**overrides), engine_factory=lambda _settings: engine)
     with TestClient(app, raise_server_exceptions=False) as client:
         if wait:
             headers = (

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,6 +17,7 @@ from service.api.schemas.native import (
     DetokenizeOut,
     EmbedBody,
     EmbedOut,
+    EmbedUsage,
     GenerateBody,
     GenerateOut,
     TokenizeBody,
@@ -32,7 +33,7 @@ from service.api.serving import (
     until_disconnect,
 )
 from service.api.sse import SSEResponse
-from service.engine.types import GenerateEvent, GenerateRequest
+from service.engine.types import EmbedResult, GenerateEvent, GenerateRequest, Pooling, Usage
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
@@ -66,7 +67,7 @@ async def generate(body: GenerateBody, request: Request, ctx: ServedDep) -> Any:
     body.check(ctx.limits)
     ids = await prompt_ids(ctx.engine, ctx.limits, body.prompt)
     max_tokens = resolve_max_tokens(
-        body.max_tokens, len(ids), ctx.limits, ctx.settings.default_max_tokens
+        body.max_tokens, len(ids), ctx.limits, ctx.limits.default_max_tokens
     )
     log_prompt(request, ctx, body.prompt)
     engine_request = GenerateRequest(ids, body.to_sampling_params(max_tokens))
@@ -83,16 +84,10 @@ async def generate(body: GenerateBody, request: Request, ctx: ServedDep) -> Any:
 @router.post("/embed", response_model=EmbedOut)
 async def embed(body: EmbedBody, request: Request, ctx: ServedDep) -> EmbedOut:
     """Embeddings of one text or a batch (mean or last-token pooling of the final hidden states)."""
-    texts = body.texts()
-    check_cap(len(texts), ctx.limits.max_embed_batch, "input")
-    ids = [await prompt_ids(ctx.engine, ctx.limits, text, "input") for text in texts]
-    result = await until_disconnect(
-        request, ctx.engine.embed(ids, pooling=body.pooling, normalize=body.normalize)
-    )
+    result = await run_embed(request, ctx, body.texts(), body.pooling, body.normalize)
     record_tokens(request, result.prompt_tokens, 0)
-    usage = {"prompt_tokens": result.prompt_tokens, "total_tokens": result.prompt_tokens}
-    dim = len(result.embeddings[0]) if result.embeddings else 0
-    return EmbedOut(embeddings=result.embeddings, dim=dim, usage=usage)  # type: ignore[arg-type]
+    usage = EmbedUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return EmbedOut(embeddings=result.embeddings, dim=embedding_dim(result), usage=usage)
 
 
 @router.post("/tokenize", response_model=TokenizeOut)
@@ -121,6 +116,25 @@ def log_prompt(request: Request, ctx: Served, prompt: Any) -> None:
         )
 
 
+async def run_embed(
+    request: Request,
+    ctx: Served,
+    inputs: Sequence[str] | Sequence[list[int]],
+    pooling: Pooling,
+    normalize: bool,
+) -> EmbedResult:
+    """Embeddings of checked inputs; a client that leaves cancels them."""
+    check_cap(len(inputs), ctx.limits.max_embed_batch, "input")
+    ids = [await prompt_ids(ctx.engine, ctx.limits, item, "input") for item in inputs]
+    return await until_disconnect(
+        request, ctx.engine.embed(ids, pooling=pooling, normalize=normalize)
+    )
+
+
+def embedding_dim(result: EmbedResult) -> int:
+    return len(result.embeddings[0]) if result.embeddings else 0
+
+
 def record_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -> None:
     """Token counts for the access-log line."""
     state = scope_state(request.scope)
@@ -140,7 +154,7 @@ def _native_result(
         "id": response_id,
         "text": "".join(choice.text),
         "finish_reason": choice.finish_reason or "abort",
-        "usage": _usage(usage.prompt_tokens, usage.completion_tokens),
+        "usage": _usage(usage),
     }
     if body.return_token_ids:
         result["token_ids"] = choice.token_ids
@@ -168,13 +182,13 @@ def _native_event(
         payload["finish_reason"] = event.finish_reason
         if event.usage is not None:
             record_tokens(request, event.usage.prompt_tokens, event.usage.completion_tokens)
-            payload["usage"] = _usage(event.usage.prompt_tokens, event.usage.completion_tokens)
+            payload["usage"] = _usage(event.usage)
     return payload
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def _usage(usage: Usage) -> dict[str, int]:
     return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
     }

@@ -11,13 +11,20 @@ from fastapi import APIRouter, Request
 from service.api.errors import ERROR_RESPONSES, APIError, bad_request
 from service.api.render_openai import (
     Reply,
+    UsageSink,
     chat_body,
     chat_chunks,
     completion_body,
     completion_chunks,
     embedding_data,
 )
-from service.api.routes.native import SSE_RESPONSE, log_prompt, record_tokens
+from service.api.routes.native import (
+    SSE_RESPONSE,
+    embedding_dim,
+    log_prompt,
+    record_tokens,
+    run_embed,
+)
 from service.api.runtime import Served, ServedDep
 from service.api.schemas.openai import (
     ChatCompletionBody,
@@ -29,13 +36,7 @@ from service.api.schemas.openai import (
     ModelCard,
     ModelList,
 )
-from service.api.serving import (
-    Generation,
-    check_cap,
-    prompt_ids,
-    resolve_max_tokens,
-    until_disconnect,
-)
+from service.api.serving import Generation, prompt_ids, resolve_max_tokens, until_disconnect
 from service.api.sse import SSEResponse
 from service.engine.types import GenerateRequest
 
@@ -119,11 +120,8 @@ async def chat_completions(body: ChatCompletionBody, request: Request, ctx: Serv
 @router.post("/embeddings", response_model=EmbeddingOut)
 async def embeddings(body: EmbeddingBody, request: Request, ctx: ServedDep) -> Any:
     check_model(body.model, ctx)
-    inputs = body.inputs()
-    check_cap(len(inputs), ctx.limits.max_embed_batch, "input")
-    ids = [await prompt_ids(ctx.engine, ctx.limits, item, "input") for item in inputs]
-    result = await until_disconnect(request, ctx.engine.embed(ids, pooling="mean", normalize=True))
-    dim = len(result.embeddings[0]) if result.embeddings else 0
+    result = await run_embed(request, ctx, body.inputs(), pooling="mean", normalize=True)
+    dim = embedding_dim(result)
     if body.dimensions is not None and body.dimensions != dim:
         raise bad_request(
             f"this model's embeddings have {dim} dimensions", "dimensions", code="unsupported"
@@ -156,7 +154,7 @@ def _card(ctx: Served) -> ModelCard:
 
 
 def _max_tokens(requested: int | None, ids: list[int], ctx: Served, default: bool) -> int:
-    fallback = ctx.settings.default_max_tokens if default else None
+    fallback = ctx.limits.default_max_tokens if default else None
     return resolve_max_tokens(requested, len(ids), ctx.limits, fallback)
 
 
@@ -171,7 +169,7 @@ async def _render_chat(body: ChatCompletionBody, ctx: Served) -> str:
         raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
 
 
-def _usage_sink(request: Request) -> Any:
+def _usage_sink(request: Request) -> UsageSink:
     def sink(usage: dict[str, Any]) -> None:
         record_tokens(request, usage["prompt_tokens"], usage["completion_tokens"])
 

@@ -31,6 +31,7 @@ class ResponseModel(BaseModel):
     model_config = ConfigDict(allow_inf_nan=False)
 
 
+NonEmptyText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=TOKEN_ID_MAX)]
 TokenIds = Annotated[list[TokenId], Field(max_length=MAX_TOKEN_LIST)]
 StopString = Annotated[str, Field(max_length=HARD_MAX_STOP_LENGTH)]

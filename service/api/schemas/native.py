@@ -9,6 +9,7 @@ from pydantic import Field
 from service.api.schemas.common import (
     MAX_TEXT_CHARS,
     MaxTokens,
+    NonEmptyText,
     ResponseModel,
     SamplingFields,
     StopList,
@@ -25,7 +26,7 @@ from service.settings import HARD_MAX_BATCH
 class GenerateBody(SamplingFields):
     """``POST /generate``: sampling parameters are flat; every number is bounded."""
 
-    prompt: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    prompt: NonEmptyText
     max_tokens: MaxTokens = None
     stop: StopList = Field(
         default_factory=list, description="strings that end generation (never emitted)"
@@ -67,13 +68,12 @@ class GenerateOut(ResponseModel):
     logprobs: list[TokenLogprobOut] | None = None
 
 
-EmbedText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
-
-
 class EmbedBody(StrictModel):
     """``POST /embed``: one text or a batch of texts."""
 
-    input: EmbedText | Annotated[list[EmbedText], Field(min_length=1, max_length=HARD_MAX_BATCH)]
+    input: (
+        NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=HARD_MAX_BATCH)]
+    )
     pooling: Literal["mean", "last"] = "mean"
     normalize: bool = True
 

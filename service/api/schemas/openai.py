@@ -17,13 +17,16 @@ from pydantic import Field
 from service.api.errors import bad_request
 from service.api.schemas.common import (
     MAX_TEXT_CHARS,
+    MAX_TOKEN_LIST,
     ChoiceCount,
     MaxTokens,
+    NonEmptyText,
     ResponseModel,
     SamplingFields,
     StopList,
     StopString,
     StrictModel,
+    TokenId,
     TokenIds,
     TopLogprobs,
 )
@@ -158,10 +161,7 @@ class ChatCompletionBody(_SamplingFields):
         return self.sampling_params(max_tokens, self.engine_logprobs, choice)
 
 
-EmbeddingText = Annotated[str, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
-EmbeddingTokens = Annotated[
-    list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1 << 20)
-]
+EmbeddingTokens = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKEN_LIST)]
 
 
 class EmbeddingBody(StrictModel):
@@ -169,8 +169,8 @@ class EmbeddingBody(StrictModel):
 
     model: ModelName
     input: (
-        EmbeddingText
-        | Annotated[list[EmbeddingText], Field(min_length=1, max_length=HARD_MAX_BATCH)]
+        NonEmptyText
+        | Annotated[list[NonEmptyText], Field(min_length=1, max_length=HARD_MAX_BATCH)]
         | EmbeddingTokens
         | Annotated[list[EmbeddingTokens], Field(min_length=1, max_length=HARD_MAX_BATCH)]
     )

@@ -9,7 +9,7 @@ MODEL ?= smollm2-135m-instruct
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean venv deploy-check
+.PHONY: run test lint bench clean venv
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)

@@ -22,11 +22,10 @@ from bench.environment import header, write_json
 from bench.metrics import SLO
 from bench.prompts import Codec, build_prompts
 from bench.server_bench import ServerProcess
-from bench.sweep import SweepPoint, SweepSpec, run_sweep
+from bench.sweep import SweepPoint, SweepSpec, requests_at, run_sweep
+from model.registry import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("bench.cli")
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def floats(text: str) -> list[float]:
@@ -113,7 +112,6 @@ def served_model(base_url: str, api_key: str | None) -> str:
 
 
 def load_tokenizer(name_or_path: str) -> Codec:
-    from model.registry import resolve_model
     from model.tokenizer import Tokenizer
 
     return Tokenizer.from_path(resolve_model(name_or_path))
@@ -142,18 +140,14 @@ def sweep_spec(args: argparse.Namespace, base_url: str, model: str) -> SweepSpec
     levels = args.request_rate if rate_mode else (args.concurrency or [1, 2, 4, 8, 16, 32])
     if any(v <= 0 for v in levels):
         raise ValueError(f"levels must be positive, got {levels}")
-    per_level = args.num_prompts or (40 if rate_mode else None)
-    pool = per_level * len(levels) if per_level else sum(max(4, 2 * int(v)) for v in levels)
-    tokenizer = load_tokenizer(args.tokenizer)
-    prompts = build_prompts(tokenizer, args.input_len, count=pool + args.warmup, seed=args.seed)
-    return SweepSpec(
+    spec = SweepSpec(
         base_url=base_url,
         model=model,
-        prompts=prompts,
+        prompts=[],  # built below, once the sweep's size is known
         output_len=args.output_len,
         mode="rate" if rate_mode else "concurrency",
         levels=levels,
-        requests_per_level=per_level,
+        requests_per_level=args.num_prompts or (40 if rate_mode else None),
         max_concurrency=args.max_concurrency,
         burstiness=args.burstiness,
         slo=args.slo,
@@ -162,6 +156,11 @@ def sweep_spec(args: argparse.Namespace, base_url: str, model: str) -> SweepSpec
         progress=not args.no_progress,
         warmup=args.warmup,
     )
+    # One prompt per request: a repeated prompt would be served from the prefix cache.
+    pool = sum(requests_at(spec, level) for level in levels) + args.warmup
+    tokenizer = load_tokenizer(args.tokenizer)
+    spec.prompts = build_prompts(tokenizer, args.input_len, count=pool, seed=args.seed)
+    return spec
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -24,6 +24,7 @@ from typing import Any
 
 from bench.metrics import RequestRecord, Summary, summarize
 from bench.prompts import prompt_ids
+from model.registry import DEFAULT_MODEL
 from service.engine.engine import Engine
 from service.engine.types import GenerateRequest, SamplingParams
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefix-len", type=int, default=1000)

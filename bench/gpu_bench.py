@@ -31,6 +31,7 @@ import torch
 from model.config import ModelConfig
 from model.gpt import GPT
 from model.kv_cache import ForwardBatch, KVCache
+from model.registry import DEFAULT_MODEL
 
 log = logging.getLogger("bench.gpu_bench")
 
@@ -133,9 +134,7 @@ def load_model(quick: bool, dtype: torch.dtype, device: torch.device) -> tuple[G
     try:
         from model.loading import load_model as load  # needs gguf, which a bare image may lack
 
-        return load(
-            "smollm2-135m-instruct", dtype=dtype, device=str(device)
-        ).model, "SmolLM2-135M weights"
+        return load(DEFAULT_MODEL, dtype=dtype, device=str(device)).model, "SmolLM2-135M weights"
     except Exception as exc:  # any failure here only changes the weights' values, not the speed
         log.warning(
             "default weights unavailable (%s: %s); using random weights", type(exc).__name__, exc

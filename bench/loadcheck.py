@@ -18,12 +18,13 @@ import torch  # noqa: E402  (timed: part of what a cold start pays)
 
 from model.generate import generate  # noqa: E402
 from model.loading import load_model  # noqa: E402
+from model.registry import DEFAULT_MODEL  # noqa: E402
 from model.tokenizer import Tokenizer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--tokens", type=int, default=16, help="tokens to generate after loading")
     args = parser.parse_args(argv)
     imported = time.perf_counter()

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 from tqdm.auto import tqdm
 
-from bench.metrics import RequestRecord
+from bench.metrics import RequestRecord, span
 from bench.sse import SSEParser, classify
 
 
@@ -166,9 +166,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
             records = list(await asyncio.gather(*tasks))
     finally:
         bar.close()
-    end = max((r.end_time for r in records), default=start)
-    first = min((r.send_time for r in records), default=start)
-    return LoadResult(records=records, duration_s=max(end - first, 0.0), wall_start=wall_start)
+    return LoadResult(records=records, duration_s=span(records), wall_start=wall_start)
 
 
 def run(spec: LoadSpec) -> LoadResult:

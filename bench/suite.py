@@ -41,10 +41,9 @@ from bench.prompts import build_prompts, prompt_ids
 from bench.server_bench import ServerProcess, health_during_prefill, max_model_len
 from bench.sweep import SweepPoint, SweepSpec, run_sweep
 from bench.targets import evaluate
+from model.registry import DEFAULT_MODEL
 
 log = logging.getLogger("bench.suite")
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 @dataclass

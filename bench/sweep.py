@@ -56,7 +56,8 @@ class SweepSpec:
     warmup: int = 1  # requests sent (and discarded) before the first level
 
 
-def _count(spec: SweepSpec, level: float) -> int:
+def requests_at(spec: SweepSpec, level: float) -> int:
+    """How many requests the sweep sends at ``level``."""
     if isinstance(spec.requests_per_level, int):
         return spec.requests_per_level
     if spec.requests_per_level is not None and level in spec.requests_per_level:
@@ -97,7 +98,7 @@ def run_sweep(spec: SweepSpec) -> list[SweepPoint]:
     points: list[SweepPoint] = []
     used = spec.warmup
     for level in spec.levels:
-        n = _count(spec, level)
+        n = requests_at(spec, level)
         label = f"{spec.mode} {level:g}"
         result = run(_load(spec, level, _pick(spec.prompts, n, used), label))
         used += n

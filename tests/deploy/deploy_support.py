@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,10 @@ DASHBOARD = DEPLOY / "grafana" / "dashboards" / "gptserve.json"
 PROMETHEUS_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
-INSTALL_HINT = "install it with `bash .ci/install-tools.sh`"
+INSTALL_HINT = (
+    "`bash .ci/install-tools.sh` installs prometheus and promtool, "
+    "`make venv` the Python tools (the `deploy-check` extra)"
+)
 
 
 def find_tool(name: str) -> str | None:
@@ -183,12 +185,6 @@ def parse_duration(text: str) -> float:
 
 
 # -- live server ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def complete(base_url: str, count: int, max_tokens: int = 8) -> None:

@@ -26,14 +26,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def exported(live_server: str) -> tuple[set[str], set[str]]:
+def exported(server: str) -> tuple[set[str], set[str]]:
     """(sample names, histogram names) of the live /metrics after a few requests.
 
     Labelled series such as `..._request_success_total{finished_reason}` appear only
     once a request has finished, hence the requests first.
     """
-    complete(live_server, 2)
-    text = httpx.get(f"{live_server}/metrics", timeout=10).text
+    complete(server, 2)
+    text = httpx.get(f"{server}/metrics", timeout=10).text
     samples, histograms = set(), set()
     for family in text_string_to_metric_families(text):
         samples |= {sample.name for sample in family.samples}

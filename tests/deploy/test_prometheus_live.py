@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from deploy_support import complete, free_port, require_tool
+from deploy_support import complete, require_tool
+from live_server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -50,9 +51,9 @@ class Prometheus:
 
 
 @pytest.fixture
-def prometheus(live_server: str, tmp_path: Path) -> Iterator[Prometheus]:
+def prometheus(server: str, tmp_path: Path) -> Iterator[Prometheus]:
     exe = require_tool("prometheus")
-    target = live_server.removeprefix("http://")
+    target = server.removeprefix("http://")
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "scrape_configs": [{"job_name": "gptserve", "static_configs": [{"targets": [target]}]}],
@@ -86,13 +87,13 @@ def finite_value(result: list[dict[str, Any]]) -> float | None:
     return values[0] if values and all(math.isfinite(v) for v in values) else None
 
 
-def test_prometheus_computes_ttft_quantile(live_server: str, prometheus: Prometheus) -> None:
+def test_prometheus_computes_ttft_quantile(server: str, prometheus: Prometheus) -> None:
     def target_up() -> bool:
         return any(series["value"][1] == "1" for series in prometheus.query('up{job="gptserve"}'))
 
     prometheus.poll("Prometheus to scrape gptserve", target_up)
     # After the first scrape: rate() needs the counts to grow between two scrapes.
-    complete(live_server, 4)
+    complete(server, 4)
     p50 = prometheus.poll("a finite TTFT p50", lambda: finite_value(prometheus.query(TTFT_P50)))
     assert 0 < p50 < 120
     tokens = prometheus.query("sum(gptserve_generation_tokens_total)")

@@ -1,8 +1,9 @@
 """Live-server fixtures: the real server as a subprocess with the default model.
 
-``server`` (session-scoped) is the base URL of a server with default settings.
-``server_factory`` starts more servers with custom flags or environment, and
-stops each of them by its pid at the end of the session.
+``server`` (session-scoped, in tests/conftest.py) is the base URL of a server
+with default settings, shared with the deployment checks. ``server_factory``
+starts more servers with custom flags or environment, and stops each of them by
+its pid at the end of the session.
 """
 
 from __future__ import annotations
@@ -11,21 +12,6 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from live_server import LiveServer, start_server
-
-
-@pytest.fixture(scope="session")
-def live_server() -> Iterator[LiveServer]:
-    server = start_server()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def server(live_server: LiveServer) -> str:
-    """The base URL of the shared server."""
-    return live_server.base_url
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.kv_cache import ForwardBatch, KVCache
+from model.quant import Kind, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
 
 
 class WeightsError(ValueError):
@@ -50,10 +51,17 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 
 @dataclass
 class StepInputs:
-    """What every layer needs and is the same for all of them: computed once per forward."""
+    """What every layer needs and is the same for all of them: computed once per forward.
+
+    A batch is split in two: its leading single-token sequences (decodes; the
+    scheduler puts them first) go through one batched attention call over their
+    gathered blocks, the rest (prefill chunks) through one call each.
+    """
 
     rope: tuple[Tensor, Tensor] | None  # (cos, sin_signed), each (T, 1, hd)
-    decode_mask: Tensor | None  # (B, 1, 1, L): key j is inside sequence b's context
+    n_decode: int  # leading sequences (= rows) that take the batched decode path
+    decode_tables: Tensor | None  # (n_decode, W) block tables, trimmed to their context
+    decode_mask: Tensor | None  # (n_decode, 1, 1, W * block_size): key j inside the context
 
 
 class Attention(nn.Module):
@@ -88,22 +96,28 @@ class Attention(nn.Module):
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (T, H, hd), (T, KV, hd)
         if kv_cache is not None:
             kv_cache.write(layer, k, v, batch.slot_mapping)  # type: ignore[arg-type]
-        if step.decode_mask is not None:
-            y = self._decode(q, batch, kv_cache, layer, step.decode_mask)  # type: ignore[arg-type]
+        d = step.n_decode
+        if d == t:
+            y = self._decode(q, kv_cache, layer, step)  # type: ignore[arg-type]
+        elif d == 0:
+            y = self._per_sequence(q, k, v, batch, kv_cache, layer, 0)
         else:
-            y = self._per_sequence(q, k, v, batch, kv_cache, layer)
+            y = torch.cat(
+                (
+                    self._decode(q[:d], kv_cache, layer, step),  # type: ignore[arg-type]
+                    self._per_sequence(q[d:], k[d:], v[d:], batch, kv_cache, layer, d),
+                )
+            )
         return self.proj(y.reshape(t, self.q_size))
 
-    def _decode(
-        self, q: Tensor, batch: ForwardBatch, kv_cache: KVCache, layer: int, mask: Tensor
-    ) -> Tensor:
+    def _decode(self, q: Tensor, kv_cache: KVCache, layer: int, step: StepInputs) -> Tensor:
         """One new token per sequence: one batched call over the gathered blocks."""
-        k, v = kv_cache.gather(layer, batch.block_tables)  # type: ignore[arg-type]  # (B, L, KV, hd)
+        k, v = kv_cache.gather(layer, step.decode_tables)  # type: ignore[arg-type]  # (B, L, KV, hd)
         y = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (B, H, 1, hd)
-            k.transpose(1, 2),  # (B, KV, L, hd)
-            v.transpose(1, 2),
-            attn_mask=mask,
+            k.to(q.dtype).transpose(1, 2),  # (B, KV, L, hd)
+            v.to(q.dtype).transpose(1, 2),
+            attn_mask=step.decode_mask,
             scale=self.scale,
             enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, 1, hd)
@@ -117,11 +131,13 @@ class Attention(nn.Module):
         batch: ForwardBatch,
         kv_cache: KVCache | None,
         layer: int,
+        first: int,
     ) -> Tensor:
-        """Prefill chunks (and any mixed batch): one attention call per sequence."""
+        """Prefill chunks of sequences ``first``.. (rows from 0 in q, k, v): one call each."""
         out = torch.empty_like(q)
         row = 0
-        for i, (qlen, start) in enumerate(zip(batch.query_lens, batch.start_pos, strict=True)):
+        for i in range(first, len(batch.query_lens)):
+            qlen, start = batch.query_lens[i], batch.start_pos[i]
             qi = q[row : row + qlen].transpose(0, 1).unsqueeze(0)  # (1, H, qlen, hd)
             mask = None
             if start == 0:
@@ -132,7 +148,7 @@ class Attention(nn.Module):
             else:
                 ctx = start + qlen
                 kc, vc = kv_cache.gather(layer, batch.block_tables[i : i + 1])  # type: ignore[index]
-                ki, vi = kc[0, :ctx], vc[0, :ctx]  # (ctx, KV, hd)
+                ki, vi = kc[0, :ctx].to(q.dtype), vc[0, :ctx].to(q.dtype)  # (ctx, KV, hd)
                 qpos = torch.arange(start, ctx, device=q.device)
                 mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (qlen, ctx)
             yi = F.scaled_dot_product_attention(
@@ -199,6 +215,8 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 class GPT(nn.Module):
     rope_cos: Tensor | None
     rope_sin: Tensor | None
+    wte: nn.Embedding | QuantEmbedding
+    lm_head: nn.Linear | QuantLinear
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -220,15 +238,19 @@ class GPT(nn.Module):
     def from_state_dict(
         cls,
         config: ModelConfig,
-        state_dict: Mapping[str, Tensor],
+        state_dict: Mapping[str, Tensor | QuantizedWeight],
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        quantize_to: Kind | None = None,
     ) -> GPT:
         """Build on the meta device and assign the given tensors: no init, no copy twice.
 
         Every expected key must be present with its exact shape and no key may be
         left over; the error names the key. With tied embeddings ``lm_head.weight``
-        may be omitted (it is ``wte.weight``).
+        may be omitted (it is ``wte.weight``). A ``QuantizedWeight`` for a linear
+        layer (or the embeddings) keeps that layer quantized (``QuantLinear``);
+        ``quantize_to`` quantizes the float weights of the linear layers too (the
+        embeddings and output layer to ``q8`` whatever the kind).
         """
         with torch.device("meta"):
             model = cls(config)
@@ -236,23 +258,47 @@ class GPT(nn.Module):
         extra = sorted(set(state_dict) - set(expected) - {"lm_head.weight"})
         if extra:
             raise WeightsError(f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected in all)")
+        if not config.tie_embeddings and "lm_head.weight" not in state_dict:
+            raise WeightsError("missing tensor 'lm_head.weight' (embeddings are not tied)")
         for name, param in expected.items():
             if name not in state_dict:
                 raise WeightsError(f"missing tensor {name!r}")
-            tensor = state_dict[name]
-            if tuple(tensor.shape) != tuple(param.shape):
+            value = state_dict[name]
+            if tuple(value.shape) != tuple(param.shape):
                 raise WeightsError(
-                    f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                    f"tensor {name!r} has shape {tuple(value.shape)}, expected {tuple(param.shape)}"
                 )
             owner, _, attr = name.rpartition(".")
-            new = nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False)
-            setattr(model.get_submodule(owner), attr, new)
+            module = model.get_submodule(owner)
+            quantizable = attr == "weight" and (isinstance(module, nn.Linear) or owner == "wte")
+            if quantizable:
+                value = _maybe_quantize(value, quantize_to, name, owner == "wte")
+            elif isinstance(value, QuantizedWeight):
+                value = value.dequantize()  # e.g. GPT-2's position table: kept float
+            if isinstance(value, QuantizedWeight):
+                model._install_quantized(owner, value.to(device))
+                continue
+            new = nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False)
+            setattr(module, attr, new)
         if config.tie_embeddings:
-            model.lm_head.weight = model.wte.weight
-        elif "lm_head.weight" not in state_dict:
-            raise WeightsError("missing tensor 'lm_head.weight' (embeddings are not tied)")
+            if isinstance(model.wte, QuantEmbedding):
+                model.lm_head = model.wte.as_linear()
+            else:
+                model.lm_head.weight = model.wte.weight
         model._init_rope(torch.device(device))
         return model.eval()
+
+    def _install_quantized(self, owner: str, weight: QuantizedWeight) -> None:
+        """Put a quantized layer where ``owner`` (a Linear or the embedding) was."""
+        if owner == "wte":
+            self.wte = QuantEmbedding(weight)
+            return
+        parent, _, attr = owner.rpartition(".")
+        module = self.get_submodule(owner)
+        bias = getattr(module, "bias", None)
+        # A bias already assigned (it precedes nothing: weights come first) is kept.
+        layer = QuantLinear(weight, None if bias is None or bias.is_meta else bias)
+        setattr(self.get_submodule(parent) if parent else self, attr, layer)
 
     @classmethod
     def random(
@@ -291,7 +337,7 @@ class GPT(nn.Module):
         pos = torch.arange(self.config.block_size, device=device).float()
         freqs = torch.outer(pos, inv_freq)  # (block_size, hd / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
-        dtype = self.wte.weight.dtype
+        dtype = self.dtype
         half = hd // 2
         sin = emb.sin()
         sin[:, :half] = -sin[:, :half]  # see apply_rope
@@ -300,31 +346,48 @@ class GPT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
+        """The activations' dtype (quantized layers compute in it too)."""
+        return self.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.wte.weight.device
+        return self.norm.weight.device
 
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        quantized = {id(m.qs): m.in_features * m.out_features for m in self.quantized_layers()}
+        return sum(p.numel() for p in self.parameters()) + sum(quantized.values())
+
+    def quantized_layers(self) -> list[QuantLinear]:
+        layers = [m for m in self.modules() if isinstance(m, QuantLinear)]
+        if isinstance(self.wte, QuantEmbedding):
+            layers.append(self.wte.as_linear())
+        return layers
 
     # -- forward ----------------------------------------------------------------------
 
-    def _step_inputs(self, batch: ForwardBatch, kv_cache: KVCache | None) -> StepInputs:
+    def step_inputs(self, batch: ForwardBatch, kv_cache: KVCache | None) -> StepInputs:
         rope = None
         if self.rope_cos is not None and self.rope_sin is not None:
             rope = (
                 self.rope_cos[batch.positions][:, None, :],  # (T, 1, hd)
                 self.rope_sin[batch.positions][:, None, :],
             )
-        mask = None
-        if kv_cache is not None and batch.is_decode:
-            # Decode reads whole blocks; keys past a sequence's length are masked out.
-            n_keys = batch.block_tables.shape[1] * kv_cache.block_size  # type: ignore[union-attr]
-            keys = torch.arange(n_keys, device=batch.context_lens.device)
-            mask = (keys[None, :] < batch.context_lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        return StepInputs(rope, mask)
+        if kv_cache is None or batch.block_tables is None:
+            return StepInputs(rope, 0, None, None)
+        n_decode = batch.num_leading_decodes
+        tables = batch.block_tables
+        if n_decode == 0:
+            return StepInputs(rope, 0, None, None)
+        if n_decode < len(batch.query_lens):
+            # Mixed step: the decodes read only as many blocks as their longest context.
+            bs = kv_cache.block_size
+            width = max(-(-(s + 1) // bs) for s in batch.start_pos[:n_decode])
+            tables = tables[:n_decode, :width]
+        # Decode reads whole blocks; keys past a sequence's length are masked out.
+        keys = torch.arange(tables.shape[1] * kv_cache.block_size, device=tables.device)
+        ctx = batch.context_lens[:n_decode]
+        mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        return StepInputs(rope, n_decode, tables, mask)
 
     def forward(
         self,
@@ -347,7 +410,7 @@ class GPT(nn.Module):
         x = self.wte(batch.input_ids)  # (T, C)
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
-        step = self._step_inputs(batch, kv_cache)
+        step = self.step_inputs(batch, kv_cache)
         for i, block in enumerate(self.layers):
             x = block(x, batch, kv_cache, i, step)
         x = self.norm(x)
@@ -355,3 +418,14 @@ class GPT(nn.Module):
             return x
         # Only the positions asked for go through the (large) vocabulary projection.
         return self.lm_head(x[batch.logits_indices])  # (N, vocab)
+
+
+def _maybe_quantize(
+    value: Tensor | QuantizedWeight, kind: Kind | None, name: str, embedding: bool
+) -> Tensor | QuantizedWeight:
+    """``value`` quantized to ``kind`` when asked and possible (K a multiple of 32)."""
+    if kind is None or isinstance(value, QuantizedWeight) or value.shape[-1] % 32:
+        return value
+    if embedding or name == "lm_head.weight":
+        kind = "q8"  # the vocabulary ends keep 8 bits, as llama.cpp's mixes do
+    return quantize(value, kind)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -45,8 +46,8 @@ class KVCache(nn.Module):
         n_kv_head: int = config.n_kv_head  # type: ignore[assignment]  # set by __post_init__
         head_dim: int = config.head_dim  # type: ignore[assignment]
         shape = (config.n_layer, num_blocks, block_size, n_kv_head, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", _zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", _zeros(shape, dtype, device), persistent=False)
 
     @classmethod
     def for_tokens(
@@ -59,6 +60,10 @@ class KVCache(nn.Module):
     def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * config.n_layer * config.kv_size * elem
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k.dtype
 
     def write(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> None:
         """Store new keys/values (T, n_kv_head, head_dim) at flat slot indices (T,)."""
@@ -75,6 +80,20 @@ class KVCache(nn.Module):
         k = self.k[layer].index_select(0, blocks)  # (B * n_blocks, block_size, n_kv, hd)
         v = self.v[layer].index_select(0, blocks)
         return k.view(shape), v.view(shape)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """Zeros that cost no memory until written, on the CPU.
+
+    ``torch.zeros`` writes every byte, so a cache sized for 32k tokens would be
+    resident from start-up. numpy's ``zeros`` takes fresh zero pages from the OS
+    (calloc), which only become resident when a block is first written.
+    """
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = torch.empty((), dtype=dtype).element_size()
+    as_int = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+    return torch.from_numpy(np.zeros(shape, dtype=as_int)).view(dtype)
 
 
 @dataclass
@@ -101,9 +120,14 @@ class ForwardBatch:
         return len(self.query_lens)
 
     @property
-    def is_decode(self) -> bool:
-        """Every sequence adds exactly one token (the vectorised decode path)."""
-        return all(q == 1 for q in self.query_lens)
+    def num_leading_decodes(self) -> int:
+        """How many sequences at the front add exactly one token (the batched decode path)."""
+        n = 0
+        for q in self.query_lens:
+            if q != 1:
+                break
+            n += 1
+        return n
 
     @classmethod
     def build(

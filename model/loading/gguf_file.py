@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from model.config import ConfigError, ModelConfig
@@ -29,14 +29,24 @@ from model.loading.dequant import FLOAT_TYPES, SUPPORTED_TYPES, dequantize
 from model.loading.errors import ModelConfigFileError, ModelFileError
 from model.loading.gguf_format import GGUFHeader, GGUFTensorInfo, read_gguf_header
 from model.loading.plan import Part, Plan, check_plan, copy_rows
+from model.loading.repack import KEPT_TYPES, join_rows, repack
+from model.quant import QUANTIZE_TO, QuantizedWeight, WeightsMode
 
 ARCHITECTURES = ("llama", "gpt2")
 
 
 def load_gguf(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    weights: WeightsMode = "float",
 ) -> tuple[GPT, ModelConfig]:
-    """Build our GPT from a GGUF file; raises ``ModelFileError`` for anything malformed."""
+    """Build our GPT from a GGUF file; raises ``ModelFileError`` for anything malformed.
+
+    ``weights``: ``auto`` keeps the file's quantized blocks where ``repack`` can
+    (the weights of linear layers and the embeddings), ``float`` dequantizes all
+    to ``dtype``, ``int8``/``int4`` dequantize and requantize the linear layers.
+    """
     header = read_gguf_header(path)
     config = config_from_gguf(header)
     plan = _llama_plan(config) if config.arch == "llama" else _gpt2_plan(config)
@@ -46,9 +56,11 @@ def load_gguf(
             raise ModelFileError(
                 header.path, f"unsupported tensor type {info.qtype.name}", info.name
             )
-    state = _read_tensors(header, plan, dtype)
+    state = _read_tensors(header, plan, dtype, keep_quantized=weights == "auto")
     try:
-        model = GPT.from_state_dict(config, state, dtype=dtype, device=device)
+        model = GPT.from_state_dict(
+            config, state, dtype=dtype, device=device, quantize_to=QUANTIZE_TO.get(weights)
+        )
     except WeightsError as e:
         raise ModelFileError(header.path, str(e)) from e
     return model, config
@@ -209,15 +221,20 @@ class _Param:
         return math.prod(self.shape)
 
 
-def _read_tensors(header: GGUFHeader, plan: Plan, dtype: torch.dtype) -> dict[str, Tensor]:
+def _read_tensors(
+    header: GGUFHeader, plan: Plan, dtype: torch.dtype, keep_quantized: bool
+) -> dict[str, Tensor | QuantizedWeight]:
     with header.path.open("rb") as f:
         data = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), dtype=np.uint8)
     if data.size != header.file_size:
         raise ModelFileError(header.path, "the file changed while it was being loaded")
-    state: dict[str, Tensor] = {}
+    state: dict[str, Tensor | QuantizedWeight] = {}
     by_type: dict[GGMLQuantizationType, list[_Param]] = defaultdict(list)
     for target, parts in plan.items():
         param = _Param(target, [header.tensors[p.name] for p in parts], parts)
+        if keep_quantized and _keepable(param):
+            state[target] = _repack(data, param)
+            continue
         qtypes = {info.qtype for info in param.infos}
         if len(qtypes) == 1 and all(
             len(i.shape) > 1 or i.qtype in FLOAT_TYPES for i in param.infos
@@ -263,6 +280,28 @@ def _dequantize_batch(
     )
     chunks = values.split([param.numel for param in batch])
     return {p.target: chunk.view(p.shape) for p, chunk in zip(batch, chunks, strict=True)}
+
+
+def _keepable(param: _Param) -> bool:
+    """Weights of linear layers and embeddings whose every part is a type we compute on."""
+    return (
+        param.target.endswith(".weight")
+        and "norm" not in param.target
+        and all(info.qtype in KEPT_TYPES and len(info.shape) == 2 for info in param.infos)
+    )
+
+
+def _repack(data: np.ndarray, param: _Param) -> QuantizedWeight:
+    """One parameter's parts, rows fixed on their raw bytes, kept in their blocks."""
+    weights = []
+    for info, part in zip(param.infos, param.parts, strict=True):
+        src = _raw(data, info).reshape(info.shape[0], -1)
+        raw = np.empty_like(src)
+        copy_rows(raw, src, part.heads)
+        type_size = GGML_QUANT_SIZES[info.qtype][1]
+        blocks = torch.from_numpy(raw).view(-1, type_size)
+        weights.append(repack(blocks, info.qtype, info.shape[0]))
+    return join_rows(weights)
 
 
 def _join_values(data: np.ndarray, param: _Param) -> Tensor:

@@ -24,13 +24,17 @@ from model.config import ConfigError, ModelConfig
 from model.gpt import GPT, WeightsError
 from model.loading.errors import ModelConfigFileError, ModelFileError
 from model.loading.plan import Part, Plan, check_plan
+from model.quant import QUANTIZE_TO, WeightsMode
 
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
 def load_hf_dir(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    weights: WeightsMode = "float",
 ) -> tuple[GPT, ModelConfig]:
     """Build our GPT from a checkpoint directory; ``ModelFileError`` names any bad file or tensor."""
     path = Path(path)
@@ -47,7 +51,9 @@ def load_hf_dir(
             for target, parts in plan.items()
         }
     try:
-        model = GPT.from_state_dict(config, state, dtype=dtype, device=device)
+        model = GPT.from_state_dict(
+            config, state, dtype=dtype, device=device, quantize_to=QUANTIZE_TO.get(weights)
+        )
     except WeightsError as e:
         raise ModelFileError(path, str(e)) from e
     return model, config

@@ -12,8 +12,9 @@ pool needs room.
 from __future__ import annotations
 
 import hashlib
+import heapq
 from array import array
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -52,7 +53,9 @@ class BlockManager:
         self.enable_prefix_caching = enable_prefix_caching
         self._ref = [0] * num_blocks
         self._key: list[bytes | None] = [None] * num_blocks
-        self._free: deque[int] = deque(range(num_blocks))  # blocks with no cached content
+        # Blocks with no cached content, as a min-heap: the lowest ids are reused first,
+        # so the part of the cache ever written (and resident in memory) stays compact.
+        self._free: list[int] = list(range(num_blocks))
         self._evictable: OrderedDict[bytes, int] = OrderedDict()  # cached, unreferenced; LRU first
         self._cached: dict[bytes, int] = {}  # every cached block, referenced or not
         self.tables: dict[str, BlockTable] = {}
@@ -138,7 +141,7 @@ class BlockManager:
                 continue
             key = self._key[block]
             if key is None:
-                self._free.append(block)
+                heapq.heappush(self._free, block)
             else:
                 self._evictable[key] = block
 
@@ -153,7 +156,7 @@ class BlockManager:
 
     def _pop_free(self) -> int:
         if self._free:
-            block = self._free.popleft()
+            block = heapq.heappop(self._free)
         else:
             key, block = self._evictable.popitem(last=False)
             del self._cached[key]

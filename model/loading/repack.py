@@ -1,0 +1,124 @@
+"""GGUF blocks rearranged into ``QuantizedWeight`` storage, without changing a value.
+
+Each function takes one tensor's raw blocks (n_blocks, type_size) uint8 and its
+(N, K) shape, and returns the same weights as ``d * q + m`` blocks of 32. The
+scales are the reference dequantizer's own float32 products (``dequant``), so
+dequantizing the result gives bit-identical values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from gguf import GGMLQuantizationType
+from torch import Tensor
+
+from model.loading.dequant import _f16, _high_bits, _k_scales, _low_nibbles_k, _split_nibbles
+from model.quant import QK, QuantizedWeight
+
+
+def _q4_0(b: Tensor, n: int) -> QuantizedWeight:  # d * (q - 8) = d * q + (-8 d), both exact
+    d = _f16(b, 0)
+    return QuantizedWeight("q4", b[:, 2:].reshape(n, -1), d.view(n, -1), (-8.0 * d).view(n, -1))
+
+
+def _q4_1(b: Tensor, n: int) -> QuantizedWeight:
+    return QuantizedWeight(
+        "q4", b[:, 4:].reshape(n, -1), _f16(b, 0).view(n, -1), _f16(b, 2).view(n, -1)
+    )
+
+
+def _q8_0(b: Tensor, n: int) -> QuantizedWeight:
+    q = b[:, 2:].contiguous().view(torch.int8)
+    return QuantizedWeight("q8", q.reshape(n, -1), _f16(b, 0).view(n, -1), None)
+
+
+def _q5_0(b: Tensor, n: int) -> QuantizedWeight:
+    q = (_split_nibbles(b[:, 6:]) | (_high_bits(b[:, 2:6]) << 4)).to(torch.int8) - 16
+    return QuantizedWeight("q8", q.reshape(n, -1), _f16(b, 0).view(n, -1), None)
+
+
+def _q5_1(b: Tensor, n: int) -> QuantizedWeight:
+    q = (_split_nibbles(b[:, 8:]) | (_high_bits(b[:, 4:8]) << 4)).to(torch.int8)
+    return QuantizedWeight("q8", q.reshape(n, -1), _f16(b, 0).view(n, -1), _f16(b, 2).view(n, -1))
+
+
+def _k_scales_mins(b: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Per sub-block of 32: scale d * sc and offset -(dmin * mn), as the reference forms them."""
+    sc, mn = _k_scales(b[:, 4:16])
+    scale = _f16(b, 0) * sc.float()  # (blocks, 8)
+    mins = _f16(b, 2) * mn.float()
+    return scale.reshape(n, -1), (-mins).reshape(n, -1)
+
+
+def _q4_k(b: Tensor, n: int) -> QuantizedWeight:
+    v = _low_nibbles_k(b[:, 16:])  # (blocks, 8, 32) values 0..15 in order
+    packed = v[..., : QK // 2] | (v[..., QK // 2 :] << 4)  # our layout: j low, j + 16 high
+    d, m = _k_scales_mins(b, n)
+    return QuantizedWeight("q4", packed.reshape(n, -1), d, m)
+
+
+def _q5_k(b: Tensor, n: int) -> QuantizedWeight:
+    qh = (b[:, 16:48].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1
+    q = (_low_nibbles_k(b[:, 48:]) | (qh << 4)).to(torch.int8)  # (blocks, 8, 32) 0..31
+    d, m = _k_scales_mins(b, n)
+    return QuantizedWeight("q8", q.reshape(n, -1), d, m)
+
+
+_REPACKERS: dict[GGMLQuantizationType, Callable[[Tensor, int], QuantizedWeight]] = {
+    GGMLQuantizationType.Q4_0: _q4_0,
+    GGMLQuantizationType.Q4_1: _q4_1,
+    GGMLQuantizationType.Q8_0: _q8_0,
+    GGMLQuantizationType.Q5_0: _q5_0,
+    GGMLQuantizationType.Q5_1: _q5_1,
+    GGMLQuantizationType.Q4_K: _q4_k,
+    GGMLQuantizationType.Q5_K: _q5_k,
+}
+KEPT_TYPES = frozenset(_REPACKERS)
+
+
+def repack(blocks: Tensor, qtype: GGMLQuantizationType, rows: int) -> QuantizedWeight:
+    """``blocks``: the raw (n_blocks, type_size) bytes of a tensor with ``rows`` rows."""
+    weight = _REPACKERS[qtype](blocks, rows)
+    # Own, contiguous storage: nothing may keep the memory-mapped file alive.
+    return QuantizedWeight(
+        weight.kind,
+        weight.qs.contiguous().clone(),
+        weight.d.contiguous().clone(),
+        None if weight.m is None else weight.m.contiguous().clone(),
+    )
+
+
+def common_kind(kinds: set[str]) -> str:
+    """q4 parts join as q4; anything with a q8 part joins as q8 (q4 values fit int8)."""
+    return "q4" if kinds == {"q4"} else "q8"
+
+
+def as_q8(w: QuantizedWeight) -> QuantizedWeight:
+    """The same values in ``q8`` storage (for joining with q8 parts)."""
+    if w.kind == "q8":
+        return w
+    n, nb = w.d.shape
+    q = (
+        w.qs.view(n, nb, 1, QK // 2) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+    ) & 0x0F
+    return QuantizedWeight("q8", q.reshape(n, nb * QK).to(torch.int8), w.d, w.m)
+
+
+def join_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
+    """Stack weights along N (q, k, v into qkv; gate and up into fc)."""
+    if len(parts) == 1:
+        return parts[0]
+    kind = common_kind({p.kind for p in parts})
+    if kind == "q8":
+        parts = [as_q8(p) for p in parts]
+    ms = [p.m for p in parts]
+    if any(m is not None for m in ms):
+        ms = [torch.zeros_like(p.d) if p.m is None else p.m for p in parts]
+        m = torch.cat(ms)  # type: ignore[arg-type]
+    else:
+        m = None
+    return QuantizedWeight(
+        parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m
+    )

@@ -1,0 +1,206 @@
+"""Weights kept in quantized blocks and computed on directly.
+
+A ``QuantizedWeight`` holds an (N, K) matrix as blocks of 32 values along K,
+each block ``d * q + m`` with float32 ``d`` and ``m`` (``m`` absent for
+symmetric formats). Two storage kinds cover the GGUF types we keep and our own
+weight-only quantization of float checkpoints:
+
+- ``q4``: 16 bytes per block, byte j holding value j (low nibble) and value
+  j + 16 (high nibble), q in 0..15. GGUF Q4_0, Q4_1 and Q4_K land here.
+- ``q8``: 32 int8 per block. GGUF Q8_0, Q5_0, Q5_1 and Q5_K land here.
+
+For every GGUF type above, ``d * q + m`` in float32 is bit-identical to the
+reference dequantization (``d * q`` is exact: a float16 scale times a small
+integer fits float32's mantissa), so a ``QuantLinear`` computes with exactly
+the file's weights; activations stay float32. On the CPU the product runs in
+our kernels (``model.kernels``); elsewhere, or for many rows at once, the
+weight is dequantized and handed to PyTorch's matmul.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.kernels import load as load_kernels
+
+QK = 32  # values per block
+Kind = Literal["q4", "q8"]
+WeightsMode = Literal["auto", "float", "int8", "int4"]
+WEIGHTS_MODES: tuple[WeightsMode, ...] = ("auto", "float", "int8", "int4")
+QUANTIZE_TO: dict[str, Kind] = {"int8": "q8", "int4": "q4"}  # modes that quantize float weights
+
+# Rows of x up to which the kernels beat dequantize-then-matmul (see docs/benchmarks.md);
+# past it the weight is dequantized once per call and the float GEMM does the work.
+DIRECT_MAX_ROWS = 16
+
+_NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)
+
+
+@dataclass
+class QuantizedWeight:
+    """An (N, K) weight in blocks of 32 along K (see the module docstring)."""
+
+    kind: Kind
+    qs: Tensor  # q4: (N, K // 2) uint8; q8: (N, K) int8
+    d: Tensor  # (N, K // 32) float32
+    m: Tensor | None  # (N, K // 32) float32, or None: symmetric
+
+    def __post_init__(self) -> None:
+        n, nb = self.d.shape
+        per_block = QK // 2 if self.kind == "q4" else QK
+        if self.qs.shape != (n, nb * per_block) or (
+            self.m is not None and self.m.shape != self.d.shape
+        ):
+            raise ValueError(
+                f"inconsistent {self.kind} weight: qs {tuple(self.qs.shape)}, "
+                f"d {tuple(self.d.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.d.shape[0], self.d.shape[1] * QK)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
+
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        m = None if self.m is None else self.m.to(device)
+        return QuantizedWeight(self.kind, self.qs.to(device), self.d.to(device), m)
+
+    def dequantize(self, rows: Tensor | None = None) -> Tensor:
+        """Float32 values (N, K), or only ``rows`` of them (an index tensor)."""
+        qs, d, m = self.qs, self.d, self.m
+        if rows is not None:
+            qs, d = qs.index_select(0, rows), d.index_select(0, rows)
+            m = None if m is None else m.index_select(0, rows)
+        n, nb = d.shape
+        kernels = load_kernels()
+        if kernels is not None and qs.device.type == "cpu":
+            out = torch.empty(n, nb * QK)
+            fn = kernels.lib.qmm_dequant_q4 if self.kind == "q4" else kernels.lib.qmm_dequant_q8
+            fn(qs.data_ptr(), d.data_ptr(), _ptr(m), n, nb * QK, out.data_ptr())
+            return out
+        if self.kind == "q4":
+            q = (qs.view(n, nb, 1, QK // 2) >> _NIBBLE_SHIFTS.to(qs.device).view(1, 1, 2, 1)) & 0x0F
+        else:
+            q = qs.view(n, nb, QK)
+        w = q.reshape(n, nb, QK).float() * d.unsqueeze(-1)
+        if m is not None:
+            w = w + m.unsqueeze(-1)
+        return w.view(n, nb * QK)
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class QuantLinear(nn.Module):
+    """``nn.Linear`` over a ``QuantizedWeight``: y = x @ W^T (+ bias)."""
+
+    qs: Tensor
+    d: Tensor
+    m: Tensor | None
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None) -> None:
+        super().__init__()
+        self.kind = weight.kind
+        self.out_features, self.in_features = weight.shape
+        # Buffers, not parameters: they move with .to() and never take gradients.
+        self.register_buffer("qs", weight.qs, persistent=False)
+        self.register_buffer("d", weight.d, persistent=False)
+        self.register_buffer("m", weight.m, persistent=False)
+        self.bias: nn.Parameter | None
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
+
+    @property
+    def weight_q(self) -> QuantizedWeight:
+        return QuantizedWeight(self.kind, self.qs, self.d, self.m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        rows = x2.shape[0]
+        kernels = load_kernels()
+        if (
+            kernels is not None
+            and rows <= DIRECT_MAX_ROWS
+            and x2.device.type == "cpu"
+            and x2.dtype == torch.float32
+        ):
+            x2 = x2.contiguous()
+            y = torch.empty(rows, self.out_features)
+            scratch = torch.empty(rows, self.in_features // QK) if self.m is not None else None
+            fn = kernels.lib.qmm_q4 if self.kind == "q4" else kernels.lib.qmm_q8
+            fn(
+                x2.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
+                _ptr(self.m), self.out_features, y.data_ptr(), _ptr(scratch),
+            )  # fmt: skip
+            if self.bias is not None:
+                y += self.bias
+        else:
+            w = self.weight_q.dequantize().to(x2.dtype)
+            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, kind={self.kind}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding rows dequantized on lookup; ``as_linear`` is the tied output layer,
+    sharing the same storage."""
+
+    qs: Tensor
+    d: Tensor
+    m: Tensor | None
+
+    def __init__(self, weight: QuantizedWeight) -> None:
+        super().__init__()
+        self.kind = weight.kind
+        self.register_buffer("qs", weight.qs, persistent=False)
+        self.register_buffer("d", weight.d, persistent=False)
+        self.register_buffer("m", weight.m, persistent=False)
+
+    @property
+    def weight_q(self) -> QuantizedWeight:
+        return QuantizedWeight(self.kind, self.qs, self.d, self.m)
+
+    def as_linear(self) -> QuantLinear:
+        return QuantLinear(self.weight_q)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self.weight_q.dequantize(ids.reshape(-1)).view(*ids.shape, -1)
+
+
+# -- weight-only quantization of float weights --------------------------------------------
+
+
+def quantize(w: Tensor, kind: Kind) -> QuantizedWeight:
+    """Quantize a float (N, K) weight, K a multiple of 32, in blocks of 32 along K.
+
+    ``q8``: symmetric, d = max|w| / 127. ``q4``: asymmetric, d = (max - min) / 15, m = min.
+    """
+    n, k = w.shape
+    if k % QK:
+        raise ValueError(f"K = {k} is not a multiple of {QK}")
+    blocks = w.detach().float().reshape(n, k // QK, QK)
+    if kind == "q8":
+        d = blocks.abs().amax(-1) / 127.0
+        inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+        q = (blocks * inv.unsqueeze(-1)).round().clamp(-127, 127).to(torch.int8)
+        return QuantizedWeight("q8", q.reshape(n, k), d.contiguous(), None)
+    lo, hi = blocks.amin(-1), blocks.amax(-1)
+    d = (hi - lo) / 15.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = ((blocks - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
+    packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)  # (n, nb, 16)
+    return QuantizedWeight("q4", packed.reshape(n, k // 2), d.contiguous(), lo.contiguous())

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.kernels import MAX_GROUP, MAX_HEAD_DIM, Kernels, supports_attention, supports_cache
+from model.kernels import load as load_kernels
 from model.kv_cache import ForwardBatch, KVCache
 from model.quant import Kind, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
 
@@ -58,10 +60,13 @@ class StepInputs:
     gathered blocks, the rest (prefill chunks) through one call each.
     """
 
-    rope: tuple[Tensor, Tensor] | None  # (cos, sin_signed), each (T, 1, hd)
+    rope: tuple[Tensor, Tensor] | None  # (cos, sin_signed), each (T, 1, hd); None when fused
+    fused: Kernels | None  # the CPU kernels, when they run the whole block (Llama, float32)
+    rope_tables: tuple[Tensor, Tensor] | None  # (cos, sin_signed) by position, when fused
     n_decode: int  # leading sequences (= rows) that take the batched decode path
     decode_tables: Tensor | None  # (n_decode, W) block tables, trimmed to their context
     decode_mask: Tensor | None  # (n_decode, 1, 1, W * block_size): key j inside the context
+    context_lens: Tensor | None  # (n_decode,)
 
 
 class Attention(nn.Module):
@@ -85,17 +90,15 @@ class Attention(nn.Module):
         kv_cache: KVCache | None,
         layer: int,
         step: StepInputs,
+        residual: Tensor | None = None,
     ) -> Tensor:
+        """Attention output, or with ``residual`` that tensor with the output added in place."""
         t = x.shape[0]
-        qkv = self.qkv(x)
-        heads = self.n_head + self.n_kv_head
-        qk = qkv[:, : self.q_size + self.kv_size].view(t, heads, self.head_dim)  # (T, H+KV, hd)
-        v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
-        if step.rope is not None:
-            qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
-        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (T, H, hd), (T, KV, hd)
-        if kv_cache is not None:
-            kv_cache.write(layer, k, v, batch.slot_mapping)  # type: ignore[arg-type]
+        qkv = self.qkv(x)  # (T, (H + 2 KV) hd)
+        if step.fused is not None:
+            q, k, v = self._rope_store_fused(step.fused, qkv, batch, kv_cache, layer, step)
+        else:
+            q, k, v = self._rope_store(qkv, batch, kv_cache, layer, step)
         d = step.n_decode
         if d == t:
             y = self._decode(q, kv_cache, layer, step)  # type: ignore[arg-type]
@@ -108,10 +111,62 @@ class Attention(nn.Module):
                     self._per_sequence(q[d:], k[d:], v[d:], batch, kv_cache, layer, d),
                 )
             )
-        return self.proj(y.reshape(t, self.q_size))
+        return _linear(self.proj, y.reshape(t, self.q_size), residual)
+
+    def _rope_store(
+        self,
+        qkv: Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        layer: int,
+        step: StepInputs,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        t = qkv.shape[0]
+        heads = self.n_head + self.n_kv_head
+        qk = qkv[:, : self.q_size + self.kv_size].view(t, heads, self.head_dim)  # (T, H+KV, hd)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
+        if step.rope is not None:
+            qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
+        q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (T, H, hd), (T, KV, hd)
+        if kv_cache is not None:
+            kv_cache.write(layer, k, v, batch.slot_mapping)  # type: ignore[arg-type]
+        return q, k, v
+
+    def _rope_store_fused(
+        self,
+        kernels: Kernels,
+        qkv: Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache | None,
+        layer: int,
+        step: StepInputs,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The same in one kernel call: rotate q and k in place, store k and v."""
+        t = qkv.shape[0]
+        kernels.rope_store(
+            qkv, self.n_head, self.n_kv_head, self.head_dim, batch.positions, step.rope_tables,
+            batch.slot_mapping,
+            None if kv_cache is None else kv_cache.k[layer],
+            None if kv_cache is None else kv_cache.v[layer],
+        )  # fmt: skip
+        q = qkv[:, : self.q_size].view(t, self.n_head, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.n_kv_head, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
+        return q, k, v
 
     def _decode(self, q: Tensor, kv_cache: KVCache, layer: int, step: StepInputs) -> Tensor:
-        """One new token per sequence: one batched call over the gathered blocks."""
+        """One new token per sequence: one batched call over the gathered blocks
+        (on the CPU, a kernel that reads the blocks in place)."""
+        kernels = load_kernels()
+        if kernels is not None and supports_attention(q, kv_cache.k):
+            return kernels.decode_attention(
+                q,
+                kv_cache.k[layer],
+                kv_cache.v[layer],
+                step.decode_tables,  # type: ignore[arg-type]
+                step.context_lens,  # type: ignore[arg-type]
+                self.scale,
+            )  # (B, H, hd)
         k, v = kv_cache.gather(layer, step.decode_tables)  # type: ignore[arg-type]  # (B, L, KV, hd)
         y = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (B, H, 1, hd)
@@ -177,13 +232,20 @@ class MLP(nn.Module):
         )
         self.proj = nn.Linear(inner, config.n_embd, bias=bool(config.mlp_bias))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self, x: Tensor, residual: Tensor | None = None, fused: Kernels | None = None
+    ) -> Tensor:
+        """MLP output, or with ``residual`` that tensor with the output added in place."""
         h = self.fc(x)
         if self.gated:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
-        approximate = "tanh" if self.activation == "gelu_tanh" else "none"
-        return self.proj(F.gelu(h, approximate=approximate))
+            if fused is not None:
+                a = fused.silu_mul(h)
+            else:
+                gate, up = h.chunk(2, dim=-1)
+                a = F.silu(gate) * up
+        else:
+            a = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return _linear(self.proj, a, residual)
 
 
 class Block(nn.Module):
@@ -202,8 +264,23 @@ class Block(nn.Module):
         layer: int,
         step: StepInputs,
     ) -> Tensor:
+        if step.fused is not None:  # a few kernel calls; residual adds fused into matmuls
+            k = step.fused
+            h = k.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
+            x = self.attn(h, batch, kv_cache, layer, step, residual=x)
+            h = k.rms_norm(x, self.mlp_norm.weight, self.mlp_norm.eps)
+            return self.mlp(h, residual=x, fused=k)
         x = x + self.attn(self.attn_norm(x), batch, kv_cache, layer, step)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def _linear(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
+    """``layer(x)``, or ``residual`` with it added in place (fused into quantized matmuls)."""
+    if residual is None:
+        return layer(x)  # type: ignore[no-any-return]
+    if isinstance(layer, QuantLinear):
+        return layer(x, residual)
+    return residual.add_(layer(x))
 
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
@@ -366,28 +443,47 @@ class GPT(nn.Module):
     # -- forward ----------------------------------------------------------------------
 
     def step_inputs(self, batch: ForwardBatch, kv_cache: KVCache | None) -> StepInputs:
-        rope = None
+        fused = self._fused_kernels(kv_cache)
+        rope = rope_tables = None
         if self.rope_cos is not None and self.rope_sin is not None:
-            rope = (
-                self.rope_cos[batch.positions][:, None, :],  # (T, 1, hd)
-                self.rope_sin[batch.positions][:, None, :],
-            )
-        if kv_cache is None or batch.block_tables is None:
-            return StepInputs(rope, 0, None, None)
+            if fused is not None:
+                rope_tables = (self.rope_cos, self.rope_sin)
+            else:
+                rope = (
+                    self.rope_cos[batch.positions][:, None, :],  # (T, 1, hd)
+                    self.rope_sin[batch.positions][:, None, :],
+                )
         n_decode = batch.num_leading_decodes
+        if kv_cache is None or batch.block_tables is None or n_decode == 0:
+            return StepInputs(rope, fused, rope_tables, 0, None, None, None)
         tables = batch.block_tables
-        if n_decode == 0:
-            return StepInputs(rope, 0, None, None)
         if n_decode < len(batch.query_lens):
             # Mixed step: the decodes read only as many blocks as their longest context.
             bs = kv_cache.block_size
             width = max(-(-(s + 1) // bs) for s in batch.start_pos[:n_decode])
-            tables = tables[:n_decode, :width]
+            tables = tables[:n_decode, :width].contiguous()
         # Decode reads whole blocks; keys past a sequence's length are masked out.
-        keys = torch.arange(tables.shape[1] * kv_cache.block_size, device=tables.device)
         ctx = batch.context_lens[:n_decode]
-        mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        return StepInputs(rope, n_decode, tables, mask)
+        mask = None
+        if fused is None:
+            keys = torch.arange(tables.shape[1] * kv_cache.block_size, device=tables.device)
+            mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        return StepInputs(rope, fused, rope_tables, n_decode, tables, mask, ctx)
+
+    def _fused_kernels(self, kv_cache: KVCache | None) -> Kernels | None:
+        """The CPU kernels when they can run every Llama block of this model (float32
+        activations, a cache they read); None otherwise: PyTorch runs the blocks."""
+        config = self.config
+        if (
+            self.device.type != "cpu"
+            or self.dtype != torch.float32
+            or not (config.rmsnorm and config.gated_mlp and not config.learned_positions)
+            or (config.head_dim or 0) > MAX_HEAD_DIM
+            or (config.n_head // (config.n_kv_head or config.n_head)) > MAX_GROUP
+            or (kv_cache is not None and not supports_cache(kv_cache.k))
+        ):
+            return None
+        return load_kernels()
 
     def forward(
         self,

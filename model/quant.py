@@ -9,10 +9,10 @@ weight-only quantization of float checkpoints:
   j + 16 (high nibble), q in 0..15. GGUF Q4_0, Q4_1 and Q4_K land here.
 - ``q8``: 32 int8 per block. GGUF Q8_0, Q5_0, Q5_1 and Q5_K land here.
 
-For every GGUF type above, ``d * q + m`` in float32 is bit-identical to the
-reference dequantization (``d * q`` is exact: a float16 scale times a small
-integer fits float32's mantissa), so a ``QuantLinear`` computes with exactly
-the file's weights; activations stay float32. On the CPU the product runs in
+For every GGUF type above, ``d * q + m`` in float32 equals the reference
+dequantization (``d * q`` is exact: a float16 scale times a small integer fits
+float32's mantissa; bit for bit but for the sign of zero in Q4_0), so a
+``QuantLinear`` computes with exactly the file's weights; activations stay float32. On the CPU the product runs in
 our kernels (``model.kernels``); elsewhere, or for many rows at once, the
 weight is dequantized and handed to PyTorch's matmul.
 """
@@ -83,8 +83,7 @@ class QuantizedWeight:
         kernels = load_kernels()
         if kernels is not None and qs.device.type == "cpu":
             out = torch.empty(n, nb * QK)
-            fn = kernels.lib.qmm_dequant_q4 if self.kind == "q4" else kernels.lib.qmm_dequant_q8
-            fn(qs.data_ptr(), d.data_ptr(), _ptr(m), n, nb * QK, out.data_ptr())
+            kernels.dequantize(QuantizedWeight(self.kind, qs, d, m), out)
             return out
         if self.kind == "q4":
             q = (qs.view(n, nb, 1, QK // 2) >> _NIBBLE_SHIFTS.to(qs.device).view(1, 1, 2, 1)) & 0x0F
@@ -94,10 +93,6 @@ class QuantizedWeight:
         if m is not None:
             w = w + m.unsqueeze(-1)
         return w.view(n, nb * QK)
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
 
 
 class QuantLinear(nn.Module):
@@ -125,31 +120,29 @@ class QuantLinear(nn.Module):
     def weight_q(self) -> QuantizedWeight:
         return QuantizedWeight(self.kind, self.qs, self.d, self.m)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """x @ W^T (+ bias); with ``residual`` (a contiguous (..., N) tensor) the
+        product is added to it in place and it is returned (a fused residual add)."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         rows = x2.shape[0]
         kernels = load_kernels()
-        if (
+        direct = (
             kernels is not None
             and rows <= DIRECT_MAX_ROWS
             and x2.device.type == "cpu"
             and x2.dtype == torch.float32
-        ):
-            x2 = x2.contiguous()
-            y = torch.empty(rows, self.out_features)
-            scratch = torch.empty(rows, self.in_features // QK) if self.m is not None else None
-            fn = kernels.lib.qmm_q4 if self.kind == "q4" else kernels.lib.qmm_q8
-            fn(
-                x2.data_ptr(), rows, self.in_features, self.qs.data_ptr(), self.d.data_ptr(),
-                _ptr(self.m), self.out_features, y.data_ptr(), _ptr(scratch),
-            )  # fmt: skip
+        )
+        if direct and (residual is None or self.bias is None):
+            out = torch.empty(rows, self.out_features) if residual is None else residual
+            kernels.matmul(x2.contiguous(), self.weight_q, out, accumulate=residual is not None)  # type: ignore[union-attr]
             if self.bias is not None:
-                y += self.bias
-        else:
-            w = self.weight_q.dequantize().to(x2.dtype)
-            y = F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
-        return y.view(*lead, self.out_features)
+                out += self.bias
+            return out.view(*lead, self.out_features)
+        w = self.weight_q.dequantize().to(x2.dtype)
+        y = F.linear(x2, w, None if self.bias is None else self.bias.to(x2.dtype))
+        y = y.view(*lead, self.out_features)
+        return y if residual is None else residual.add_(y)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, kind={self.kind}"

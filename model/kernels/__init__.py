@@ -25,8 +25,12 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from model.quant import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,11 @@ class KernelBuildError(RuntimeError):
     """The C compiler is missing or failed."""
 
 
+KV_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+MAX_GROUP = 64  # query heads per KV head the attention kernel handles
+MAX_HEAD_DIM = 1024  # head_dim the RoPE kernel handles
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The loaded library: ``isa`` names the build, ``lib`` the ctypes handle."""
@@ -50,6 +59,111 @@ class Kernels:
     isa: str
     lib: ctypes.CDLL
     path: Path
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention of one query token per sequence over its paged context.
+
+        q: (B, H, hd) float32 whose rows may be strided (a view into the qkv rows);
+        k_cache, v_cache: (num_blocks, block_size, KV, hd) of one layer; tables: (B, W)
+        int64; context_lens: (B,) int64. Returns (B, H, hd). Callers check
+        ``supports_attention`` first.
+        """
+        b, h, hd = q.shape
+        if q.stride(2) != 1 or q.stride(1) != hd:
+            q = q.contiguous()
+        _, block_size, kv, _ = k_cache.shape
+        out = torch.empty(b, h, hd)
+        self.lib.qmm_decode_attention(
+            q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            KV_DTYPES[k_cache.dtype], block_size, b, h, kv, hd, tables.data_ptr(),
+            tables.shape[1], context_lens.data_ptr(), scale, out.data_ptr(),
+        )  # fmt: skip
+        return out
+
+    def matmul(
+        self, x: torch.Tensor, w: QuantizedWeight, out: torch.Tensor, accumulate: bool
+    ) -> None:
+        """out (M, N) = or += x (M, K) @ w^T; x contiguous float32 on the CPU."""
+        m, k = x.shape
+        n = w.d.shape[0]
+        scratch = torch.empty(m, k // 32) if w.m is not None else None
+        fn = self.lib.qmm_q4 if w.kind == "q4" else self.lib.qmm_q8
+        fn(
+            x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n,
+            out.data_ptr(), _ptr(scratch), int(accumulate),
+        )  # fmt: skip
+
+    def dequantize(self, w: QuantizedWeight, out: torch.Tensor) -> None:
+        n, nb = w.d.shape
+        fn = self.lib.qmm_dequant_q4 if w.kind == "q4" else self.lib.qmm_dequant_q8
+        fn(w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n, nb * 32, out.data_ptr())
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x = x.contiguous()
+        out = torch.empty_like(x)
+        self.lib.qmm_rms_norm(
+            x.data_ptr(), weight.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr()
+        )
+        return out
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of (T, 2I) rows holding gate then up: (T, I)."""
+        t, two_i = gate_up.shape
+        out = torch.empty(t, two_i // 2)
+        self.lib.qmm_silu_mul(gate_up.data_ptr(), t, two_i // 2, out.data_ptr())
+        return out
+
+    def rope_store(
+        self,
+        qkv: torch.Tensor,
+        n_head: int,
+        n_kv_head: int,
+        head_dim: int,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        slots: torch.Tensor | None,
+        k_cache: torch.Tensor | None,
+        v_cache: torch.Tensor | None,
+    ) -> None:
+        """RoPE on the q and k heads of contiguous (T, (H + 2 KV) hd) ``qkv`` rows, in place;
+        then k and v stored at ``slots`` of one layer's cache (when given)."""
+        cos, sin = rope if rope is not None else (None, None)
+        store = slots is not None and k_cache is not None and v_cache is not None
+        self.lib.qmm_rope_store(
+            qkv.data_ptr(), qkv.shape[0], n_head, n_kv_head, head_dim, positions.data_ptr(),
+            _ptr(cos), _ptr(sin), _ptr(slots) if store else None,
+            _ptr(k_cache) if store else None, _ptr(v_cache) if store else None,
+            KV_DTYPES[k_cache.dtype] if store else 0,  # type: ignore[union-attr]
+        )  # fmt: skip
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def supports_cache(k_cache: torch.Tensor) -> bool:
+    """A cache the kernels read and write: on the CPU, contiguous, in a dtype they know."""
+    return k_cache.device.type == "cpu" and k_cache.dtype in KV_DTYPES and k_cache.is_contiguous()
+
+
+def supports_attention(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether ``Kernels.decode_attention`` takes these: CPU, float32 queries, a
+    contiguous cache in a dtype it reads, at most ``MAX_GROUP`` heads per KV head."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_cache.dtype in KV_DTYPES
+        and k_cache.is_contiguous()
+        and q.shape[1] // k_cache.shape[2] <= MAX_GROUP
+    )
 
 
 def cpu_flags() -> set[str]:
@@ -123,13 +237,24 @@ def find_or_build(isa: str) -> Path:
 
 def _bind(lib: ctypes.CDLL) -> None:
     p, i = ctypes.c_void_p, ctypes.c_int64
+    c_int, c_float = ctypes.c_int, ctypes.c_float
     for name in ("qmm_q4", "qmm_q8"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, i, i, p, p, p, i, p, p]
+        fn.argtypes = [p, i, i, p, p, p, i, p, p, c_int]
         fn.restype = None
     for name in ("qmm_dequant_q4", "qmm_dequant_q8"):
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i, i, p]
+        fn.restype = None
+    signatures = {
+        "qmm_decode_attention": [p, i, p, p, c_int, i, i, i, i, i, p, i, p, c_float, p],
+        "qmm_rms_norm": [p, p, i, i, c_float, p],
+        "qmm_silu_mul": [p, i, i, p],
+        "qmm_rope_store": [p, i, i, i, i, p, p, p, p, p, p, c_int],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
         fn.restype = None
 
 

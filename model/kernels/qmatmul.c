@@ -57,17 +57,25 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
-/* 16 bytes of nibbles -> the block's 32 values as 4 x 8 floats, in order. */
+/* 16 bytes of nibbles -> the block's 32 values as 4 x 8 floats: w[0] = values 0..7,
+ * w[1] = 16..23, w[2] = 8..15, w[3] = 24..31 (see Q4_ORDER). One byte shuffle per
+ * 8 bytes puts each byte alone in a 32-bit lane; its two nibbles are then a mask and
+ * a shift away. */
 static inline void decode_q4(const uint8_t *q, __m256 w[4]) {
-    const __m128i bytes = _mm_loadu_si128((const __m128i *)q);
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m128i lo = _mm_and_si128(bytes, mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-    w[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-    w[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-    w[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-    w[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+    const __m256i bytes = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)q));
+    const __m256i lo8 = _mm256_setr_epi8(0, -1, -1, -1, 1, -1, -1, -1, 2, -1, -1, -1, 3, -1, -1, -1,
+                                         4, -1, -1, -1, 5, -1, -1, -1, 6, -1, -1, -1, 7, -1, -1, -1);
+    const __m256i hi8 = _mm256_add_epi8(lo8, _mm256_set1_epi32(8));
+    const __m256i mask = _mm256_set1_epi32(0x0F);
+    const __m256i a = _mm256_shuffle_epi8(bytes, lo8), b = _mm256_shuffle_epi8(bytes, hi8);
+    w[0] = _mm256_cvtepi32_ps(_mm256_and_si256(a, mask));
+    w[1] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+    w[2] = _mm256_cvtepi32_ps(_mm256_and_si256(b, mask));
+    w[3] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
 }
+/* Offsets into a block of x matching w[0..3] of each decoder. */
+static const int Q4_ORDER[4] = {0, 16, 8, 24};
+static const int Q8_ORDER[4] = {0, 8, 16, 24};
 
 static inline void decode_q8(const int8_t *q, __m256 w[4]) {
     for (int k = 0; k < 4; k++) {
@@ -76,30 +84,60 @@ static inline void decode_q8(const int8_t *q, __m256 w[4]) {
     }
 }
 
-/* One weight row against up to MT rows of x: acc[i] += d * (q . x_i) per block. */
-#define ROW_KERNEL(NAME, QTYPE, DECODE, BYTES)                                          \
+/* One weight row against MT_ rows of x: out[i] = sum over blocks of d * (q . x_i).
+ * MT_ is a compile-time constant in each instance, so the accumulators live in
+ * registers; even and odd blocks use separate ones, so that the accumulation's
+ * dependency chain does not set the pace when few rows share a block. */
+#define ROW_BLOCK(ACC, B_, DECODE, BYTES, ORDER, MT_)                                   \
+    do {                                                                                \
+        __m256 w[4];                                                                    \
+        DECODE(qrow + (B_) * (BYTES), w);                                               \
+        const __m256 d = _mm256_set1_ps(drow[B_]);                                      \
+        for (int i = 0; i < MT_; i++) {                                                 \
+            const float *xb = x + i * K + (B_) * QK;                                    \
+            __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb + ORDER[0]));             \
+            t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + ORDER[1]), t);               \
+            t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + ORDER[2]), t);               \
+            t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + ORDER[3]), t);               \
+            ACC[i] = _mm256_fmadd_ps(d, t, ACC[i]);                                     \
+        }                                                                               \
+    } while (0)
+
+#define ROW_KERNEL(NAME, QTYPE, DECODE, BYTES, ORDER, MT_)                              \
+    static inline void NAME(const float *x, int64_t K, const QTYPE *qrow,              \
+                            const float *drow, float *out) {                           \
+        const int64_t nb = K / QK;                                                      \
+        __m256 even[MT_], odd[MT_];                                                     \
+        for (int i = 0; i < MT_; i++) even[i] = odd[i] = _mm256_setzero_ps();           \
+        int64_t b = 0;                                                                  \
+        for (; b + 2 <= nb; b += 2) {                                                   \
+            ROW_BLOCK(even, b, DECODE, BYTES, ORDER, MT_);                              \
+            ROW_BLOCK(odd, b + 1, DECODE, BYTES, ORDER, MT_);                           \
+        }                                                                               \
+        if (b < nb) ROW_BLOCK(even, b, DECODE, BYTES, ORDER, MT_);                      \
+        for (int i = 0; i < MT_; i++) out[i] = hsum(_mm256_add_ps(even[i], odd[i]));    \
+    }
+ROW_KERNEL(row_q4_1, uint8_t, decode_q4, QK / 2, Q4_ORDER, 1)
+ROW_KERNEL(row_q4_2, uint8_t, decode_q4, QK / 2, Q4_ORDER, 2)
+ROW_KERNEL(row_q4_3, uint8_t, decode_q4, QK / 2, Q4_ORDER, 3)
+ROW_KERNEL(row_q4_4, uint8_t, decode_q4, QK / 2, Q4_ORDER, 4)
+ROW_KERNEL(row_q8_1, int8_t, decode_q8, QK, Q8_ORDER, 1)
+ROW_KERNEL(row_q8_2, int8_t, decode_q8, QK, Q8_ORDER, 2)
+ROW_KERNEL(row_q8_3, int8_t, decode_q8, QK, Q8_ORDER, 3)
+ROW_KERNEL(row_q8_4, int8_t, decode_q8, QK, Q8_ORDER, 4)
+
+#define ROW_DISPATCH(NAME, QTYPE, PREFIX)                                               \
     static void NAME(const float *x, int64_t mt, int64_t K, const QTYPE *qrow,         \
                      const float *drow, float out[MT]) {                                \
-        const int64_t nb = K / QK;                                                      \
-        __m256 acc[MT];                                                                 \
-        for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();                      \
-        for (int64_t b = 0; b < nb; b++) {                                              \
-            __m256 w[4];                                                                \
-            DECODE(qrow + b * (BYTES), w);                                              \
-            const __m256 d = _mm256_set1_ps(drow[b]);                                   \
-            for (int64_t i = 0; i < mt; i++) {                                          \
-                const float *xb = x + i * K + b * QK;                                   \
-                __m256 t = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb));                    \
-                t = _mm256_fmadd_ps(w[1], _mm256_loadu_ps(xb + 8), t);                  \
-                t = _mm256_fmadd_ps(w[2], _mm256_loadu_ps(xb + 16), t);                 \
-                t = _mm256_fmadd_ps(w[3], _mm256_loadu_ps(xb + 24), t);                 \
-                acc[i] = _mm256_fmadd_ps(d, t, acc[i]);                                 \
-            }                                                                           \
+        switch (mt) {                                                                   \
+        case 1: PREFIX##_1(x, K, qrow, drow, out); break;                               \
+        case 2: PREFIX##_2(x, K, qrow, drow, out); break;                               \
+        case 3: PREFIX##_3(x, K, qrow, drow, out); break;                               \
+        default: PREFIX##_4(x, K, qrow, drow, out); break;                              \
         }                                                                               \
-        for (int64_t i = 0; i < mt; i++) out[i] = hsum(acc[i]);                         \
     }
-ROW_KERNEL(row_q4, uint8_t, decode_q4, QK / 2)
-ROW_KERNEL(row_q8, int8_t, decode_q8, QK)
+ROW_DISPATCH(row_q4, uint8_t, row_q4)
+ROW_DISPATCH(row_q8, int8_t, row_q8)
 #else
 static void row_q4(const float *x, int64_t mt, int64_t K, const uint8_t *qrow,
                    const float *drow, float out[MT]) {
@@ -135,10 +173,11 @@ static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
 }
 #endif
 
-/* xs: scratch of M * K / 32 floats (only read when m is not NULL). */
+/* xs: scratch of M * K / 32 floats (only read when m is not NULL).
+ * accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T. */
 #define GEMM(NAME, QTYPE, ROW, BYTES)                                                   \
     void NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const float *d,     \
-              const float *m, int64_t N, float *y, float *xs) {                         \
+              const float *m, int64_t N, float *y, float *xs, int accumulate) {         \
         const int64_t nb = K / QK;                                                      \
         if (m) block_sums(x, M, K, xs);                                                 \
         _Pragma("omp parallel for schedule(static)")                                    \
@@ -152,7 +191,8 @@ static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
                 for (int64_t i = 0; i < mt; i++) {                                      \
                     float v = out[i];                                                   \
                     if (m) v += min_term(m + n * nb, xs + (i0 + i) * nb, nb);           \
-                    y[(i0 + i) * N + n] = v;                                            \
+                    if (accumulate) y[(i0 + i) * N + n] += v;                           \
+                    else y[(i0 + i) * N + n] = v;                                       \
                 }                                                                       \
             }                                                                           \
         }                                                                               \
@@ -168,12 +208,14 @@ void qmm_dequant_q4(const uint8_t *q, const float *d, const float *m, int64_t N,
     for (int64_t n = 0; n < N; n++)
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *qb = q + (n * nb + b) * (QK / 2);
-            const float db = d[n * nb + b], mb = m ? m[n * nb + b] : 0.f;
+            const float db = d[n * nb + b];
             float *wb = w + n * K + b * QK;
             for (int j = 0; j < QK / 2; j++) {
-                wb[j] = db * (float)(qb[j] & 0x0F) + mb;
-                wb[j + QK / 2] = db * (float)(qb[j] >> 4) + mb;
+                wb[j] = db * (float)(qb[j] & 0x0F);
+                wb[j + QK / 2] = db * (float)(qb[j] >> 4);
             }
+            if (m) /* no "+ 0": it would turn a -0.0 into +0.0 */
+                for (int j = 0; j < QK; j++) wb[j] += m[n * nb + b];
         }
 }
 
@@ -184,8 +226,228 @@ void qmm_dequant_q8(const int8_t *q, const float *d, const float *m, int64_t N, 
     for (int64_t n = 0; n < N; n++)
         for (int64_t b = 0; b < nb; b++) {
             const int8_t *qb = q + (n * nb + b) * QK;
-            const float db = d[n * nb + b], mb = m ? m[n * nb + b] : 0.f;
+            const float db = d[n * nb + b];
             float *wb = w + n * K + b * QK;
-            for (int j = 0; j < QK; j++) wb[j] = db * (float)qb[j] + mb;
+            for (int j = 0; j < QK; j++) wb[j] = db * (float)qb[j];
+            if (m)
+                for (int j = 0; j < QK; j++) wb[j] += m[n * nb + b];
         }
+}
+
+/* ---------------------------------------------------------------------------------
+ * Decode attention straight from the paged KV cache: one query token per sequence.
+ *
+ * q: B rows of H * hd float32, q_stride apart; k, v: (num_blocks, block_size, KV, hd) in float32,
+ * float16 or bfloat16 (kv_dtype 0, 1, 2); tables: (B, W) int64; ctx: (B,) int64;
+ * out: (B, H, hd) float32. Query heads h in [g * G, (g + 1) * G) share KV head g.
+ * Softmax over the ctx[b] keys of sequence b, in float32, as SDPA computes it
+ * (scores, max, exp, sum, weighted values), without gathering the blocks.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+static inline float load_kv(const void *base, int64_t i, int kv_dtype) {
+    if (kv_dtype == 0) return ((const float *)base)[i];
+    uint16_t h = ((const uint16_t *)base)[i];
+    if (kv_dtype == 2) {
+        uint32_t bits = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &bits, 4);
+        return f;
+    }
+#if QMM_AVX2
+    return _cvtsh_ss(h);
+#else
+    /* float16 -> float32 without F16C */
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0) {
+        if (man == 0) bits = sign;
+        else {
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) { man <<= 1; exp--; }
+            bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+        }
+    } else if (exp == 31) bits = sign | 0x7F800000 | (man << 13);
+    else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+#if QMM_AVX2
+/* 8 values of a cache row as float32. */
+static inline __m256 load8_kv(const void *base, int64_t i, int kv_dtype) {
+    if (kv_dtype == 0) return _mm256_loadu_ps((const float *)base + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (kv_dtype == 1) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+#endif
+
+void qmm_decode_attention(const float *q, int64_t q_stride, const void *k, const void *v,
+                          int kv_dtype, int64_t block_size, int64_t B, int64_t H, int64_t KV,
+                          int64_t hd, const int64_t *tables, int64_t W, const int64_t *ctx,
+                          float scale, float *out) {
+    const int64_t G = H / KV;
+    const int64_t row = KV * hd; /* elements per cached token */
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t task = 0; task < B * KV; task++) {
+        const int64_t b = task / KV, g = task % KV, n = ctx[b];
+        float *s = (float *)malloc(sizeof(float) * (size_t)(G * (n > 0 ? n : 1)));
+        if (!s) continue;
+        const float *qb = q + b * q_stride + g * G * hd;
+        float mx[64], sum[64]; /* G <= 64 heads per KV head */
+        for (int64_t h = 0; h < G; h++) mx[h] = -INFINITY, sum[h] = 0.f;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t slot = tables[b * W + j / block_size] * block_size + j % block_size;
+            const int64_t base = slot * row + g * hd;
+            for (int64_t h = 0; h < G; h++) {
+                const float *qh = qb + h * hd;
+                float dot = 0.f;
+                int64_t e = 0;
+#if QMM_AVX2
+                __m256 acc = _mm256_setzero_ps();
+                for (; e + 8 <= hd; e += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), load8_kv(k, base + e, kv_dtype), acc);
+                dot = hsum(acc);
+#endif
+                for (; e < hd; e++) dot += qh[e] * load_kv(k, base + e, kv_dtype);
+                dot *= scale;
+                s[h * n + j] = dot;
+                if (dot > mx[h]) mx[h] = dot;
+            }
+        }
+        for (int64_t h = 0; h < G; h++) {
+            for (int64_t j = 0; j < n; j++) {
+                const float p = expf(s[h * n + j] - mx[h]);
+                s[h * n + j] = p;
+                sum[h] += p;
+            }
+            float *oh = out + (b * H + g * G + h) * hd;
+            for (int64_t e = 0; e < hd; e++) oh[e] = 0.f;
+        }
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t slot = tables[b * W + j / block_size] * block_size + j % block_size;
+            const int64_t base = slot * row + g * hd;
+            for (int64_t h = 0; h < G; h++) {
+                float *oh = out + (b * H + g * G + h) * hd;
+                const float p = s[h * n + j];
+                int64_t e = 0;
+#if QMM_AVX2
+                const __m256 pv = _mm256_set1_ps(p);
+                for (; e + 8 <= hd; e += 8)
+                    _mm256_storeu_ps(oh + e, _mm256_fmadd_ps(pv, load8_kv(v, base + e, kv_dtype),
+                                                             _mm256_loadu_ps(oh + e)));
+#endif
+                for (; e < hd; e++) oh[e] += p * load_kv(v, base + e, kv_dtype);
+            }
+        }
+        for (int64_t h = 0; h < G; h++) {
+            float *oh = out + (b * H + g * G + h) * hd;
+            const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;
+            for (int64_t e = 0; e < hd; e++) oh[e] *= inv;
+        }
+        free(s);
+    }
+}
+
+/* ---------------------------------------------------------------------------------
+ * The small operations of a Llama block, fused so that a decode step is a few calls
+ * per layer instead of dozens of tiny PyTorch ops.
+ */
+
+/* y[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w, for T rows of C values. */
+void qmm_rms_norm(const float *x, const float *w, int64_t T, int64_t C, float eps, float *y) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * C;
+        float *yt = y + t * C;
+        float ss = 0.f;
+        for (int64_t c = 0; c < C; c++) ss += xt[c] * xt[c];
+        const float r = 1.f / sqrtf(ss / (float)C + eps);
+        for (int64_t c = 0; c < C; c++) yt[c] = w[c] * (xt[c] * r);
+    }
+}
+
+/* a[t, j] = silu(g[t, j]) * g[t, I + j] for T rows of 2 * I values (gate, then up). */
+void qmm_silu_mul(const float *g, int64_t T, int64_t I, float *a) {
+    for (int64_t t = 0; t < T; t++) {
+        const float *gt = g + t * 2 * I;
+        float *at = a + t * I;
+        for (int64_t j = 0; j < I; j++) {
+            const float x = gt[j];
+            at[j] = x / (1.f + expf(-x)) * gt[I + j];
+        }
+    }
+}
+
+static inline uint16_t to_half(float f, int kv_dtype) {
+    if (kv_dtype == 2) { /* bfloat16, round to nearest even */
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        if ((bits & 0x7F800000) == 0x7F800000) return (uint16_t)((bits >> 16) | ((bits & 0xFFFF) ? 0x40 : 0));
+        bits += 0x7FFF + ((bits >> 16) & 1);
+        return (uint16_t)(bits >> 16);
+    }
+#if QMM_AVX2
+    return _cvtss_sh(f, 0); /* round to nearest even */
+#else
+    /* float32 -> float16, round to nearest even (normal, subnormal, inf, nan) */
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000;
+    int32_t exp = (int32_t)((x >> 23) & 0xFF) - 127 + 15;
+    uint32_t man = x & 0x7FFFFF;
+    if (((x >> 23) & 0xFF) == 0xFF) return (uint16_t)(sign | 0x7C00 | (man ? 0x200 : 0));
+    if (exp >= 31) return (uint16_t)(sign | 0x7C00);
+    if (exp <= 0) {
+        if (exp < -10) return (uint16_t)sign;
+        man |= 0x800000;
+        const int shift = 14 - exp;
+        uint32_t h = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (h & 1))) h++;
+        return (uint16_t)(sign | h);
+    }
+    uint32_t h = (uint32_t)(exp << 10) | (man >> 13), rem = man & 0x1FFF;
+    if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+    return (uint16_t)(sign | h);
+#endif
+}
+
+/* RoPE (rotate-half) on the q and k heads of each token's qkv row, in place, then
+ * k and v written to the cache slots. qkv: (T, (H + 2 KV) hd); cos, sin: tables
+ * (positions, hd) with sin's first half negated (see model/gpt.py apply_rope);
+ * k_cache, v_cache: one layer, (slots, KV, hd) in kv_dtype. */
+void qmm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KV, int64_t hd,
+                    const int64_t *positions, const float *cos, const float *sin_signed,
+                    const int64_t *slots, void *k_cache, void *v_cache, int kv_dtype) {
+    const int64_t width = (H + 2 * KV) * hd, half = hd / 2;
+    float tmp[1024];
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * width;
+        if (cos) {
+            const float *c = cos + positions[t] * hd, *s = sin_signed + positions[t] * hd;
+            for (int64_t h = 0; h < H + KV; h++) {
+                float *x = row + h * hd;
+                for (int64_t e = 0; e < hd; e++) tmp[e] = x[e];
+                for (int64_t e = 0; e < hd; e++) {
+                    const float rolled = tmp[e < half ? e + half : e - half];
+                    x[e] = tmp[e] * c[e] + rolled * s[e];
+                }
+            }
+        }
+        if (!k_cache) continue;
+        const float *k = row + H * hd, *v = row + (H + KV) * hd;
+        const int64_t n = KV * hd, off = slots[t] * n;
+        if (kv_dtype == 0) {
+            memcpy((float *)k_cache + off, k, sizeof(float) * (size_t)n);
+            memcpy((float *)v_cache + off, v, sizeof(float) * (size_t)n);
+        } else {
+            uint16_t *kc = (uint16_t *)k_cache + off, *vc = (uint16_t *)v_cache + off;
+            for (int64_t e = 0; e < n; e++) {
+                kc[e] = to_half(k[e], kv_dtype);
+                vc[e] = to_half(v[e], kv_dtype);
+            }
+        }
+    }
 }

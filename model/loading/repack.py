@@ -3,7 +3,7 @@
 Each function takes one tensor's raw blocks (n_blocks, type_size) uint8 and its
 (N, K) shape, and returns the same weights as ``d * q + m`` blocks of 32. The
 scales are the reference dequantizer's own float32 products (``dequant``), so
-dequantizing the result gives bit-identical values.
+dequantizing the result gives the same values (``model.quant``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,336 @@
+"""Quantized weights and the CPU kernels, against dequantize-then-compute in float64.
+
+Every kernel build this CPU can run is checked (``avx2`` where the CPU has it,
+and the plain-C ``generic`` one everywhere), so both code paths are exercised
+whichever machine runs the suite.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType as Q
+
+from model import kernels as kmod
+from model.gpt import GPT, apply_rope
+from model.kernels import Kernels
+from model.kv_cache import ForwardBatch, KVCache
+from model.loading import load_gguf
+from model.loading.dequant import dequantize
+from model.loading.repack import KEPT_TYPES, join_rows, repack
+from model.quant import QK, QuantizedWeight, QuantLinear, quantize
+
+RNG = np.random.default_rng(7)
+
+
+def _build(isa: str) -> Kernels:
+    import ctypes
+
+    path = kmod.find_or_build(isa)
+    lib = ctypes.CDLL(str(path))
+    kmod._bind(lib)
+    return Kernels(isa, lib, path)
+
+
+ISAS = ["generic"] + (["avx2"] if kmod.best_isa() == "avx2" else [])
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernels(request) -> Kernels:
+    return _build(request.param)
+
+
+def random_weight(kind: str, n: int, k: int, with_min: bool, seed: int = 0) -> QuantizedWeight:
+    g = torch.Generator().manual_seed(seed)
+    nb = k // QK
+    if kind == "q4":
+        qs = torch.randint(0, 256, (n, nb * QK // 2), dtype=torch.uint8, generator=g)
+    else:
+        qs = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
+    d = torch.rand(n, nb, generator=g) * 0.02
+    m = (torch.rand(n, nb, generator=g) - 0.5) * 0.1 if with_min else None
+    return QuantizedWeight(kind, qs, d, m)  # type: ignore[arg-type]
+
+
+def reference_matmul(x: torch.Tensor, w: QuantizedWeight) -> torch.Tensor:
+    return x.double() @ w.dequantize().double().T
+
+
+# -- matmul kernels ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kind,with_min", [("q4", True), ("q4", False), ("q8", False), ("q8", True)]
+)
+@pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (130, 576)])
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, n, k, rows):
+    w = random_weight(kind, n, k, with_min)
+    x = torch.randn(rows, k)
+    expected = reference_matmul(x, w)
+    out = torch.empty(rows, n)
+    kernels.matmul(x, w, out, accumulate=False)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    # accumulate: the product is added to what the output holds (the residual add)
+    residual = torch.randn(rows, n)
+    acc = residual.clone()
+    kernels.matmul(x, w, acc, accumulate=True)
+    torch.testing.assert_close(acc.double(), residual.double() + expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_kernel_dequantize_is_bit_identical_to_torch(kernels, kind, monkeypatch):
+    w = random_weight(kind, 19, 160, with_min=True)
+    out = torch.empty(19, 160)
+    kernels.dequantize(w, out)
+    monkeypatch.setattr("model.quant.load_kernels", lambda: None)
+    np.testing.assert_array_equal(
+        out.numpy().view(np.uint32), w.dequantize().numpy().view(np.uint32)
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_quant_linear_on_every_path(rows, bias, monkeypatch):
+    """Direct kernel (<= DIRECT_MAX_ROWS rows), dequantize + GEMM (more rows), and no
+    kernels at all: the same products, residual add included."""
+    w = random_weight("q4", 48, 96, with_min=True, seed=3)
+    b = torch.randn(48) if bias else None
+    layer = QuantLinear(w, b)
+    x = torch.randn(rows, 96)
+    expected = reference_matmul(x, w) + (0 if b is None else b.double())
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+    residual = torch.randn(rows, 48)
+    out = layer(x, residual.clone())
+    torch.testing.assert_close(out.double(), residual.double() + expected, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr("model.quant.load_kernels", lambda: None)
+    torch.testing.assert_close(layer(x).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_quantize_float_weights_within_half_a_step(kind):
+    w = torch.randn(33, 128) * torch.rand(33, 1) * 3
+    q = quantize(w, kind)  # type: ignore[arg-type]
+    step = q.d.repeat_interleave(QK, dim=1)
+    err = (q.dequantize() - w).abs()
+    assert (err <= step / 2 + 1e-6).all()
+    assert q.nbytes < w.numel() * w.element_size() / 3
+
+
+# -- GGUF blocks kept as they are ---------------------------------------------------
+
+
+def random_blocks(qtype: Q, rows: int, cols: int) -> torch.Tensor:
+    """Raw blocks of ``qtype`` with finite float16 scales."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = RNG.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    n_scales = {Q.Q4_0: 1, Q.Q8_0: 1, Q.Q5_0: 1}.get(qtype, 2)
+    scales = RNG.uniform(-1, 1, (raw.shape[0], n_scales)).astype(np.float16).view(np.uint8)
+    raw[:, : 2 * n_scales] = scales
+    return torch.from_numpy(raw)
+
+
+@pytest.mark.parametrize("qtype", sorted(KEPT_TYPES), ids=lambda q: q.name)
+def test_repacked_blocks_dequantize_to_the_reference_values(qtype):
+    rows, cols = 5, 512
+    blocks = random_blocks(qtype, rows, cols)
+    expected = dequantize(blocks.reshape(-1), qtype, (rows, cols))
+    got = repack(blocks, qtype, rows).dequantize()
+    # equal values; bit for bit but for the sign of a zero (Q4_0: d * q - 8 d is +0.0
+    # where d * (q - 8) with a negative d is -0.0; no sum can tell them apart)
+    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+    if qtype != Q.Q4_0:
+        np.testing.assert_array_equal(got.numpy().view(np.uint32), expected.numpy().view(np.uint32))
+
+
+def test_joined_parts_of_mixed_kinds_keep_their_values():
+    a = random_weight("q4", 6, 64, with_min=True, seed=1)
+    b = random_weight("q8", 4, 64, with_min=False, seed=2)
+    joined = join_rows([a, b])
+    assert joined.kind == "q8"
+    torch.testing.assert_close(joined.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+
+
+# -- the fused block operations -----------------------------------------------------
+
+
+def test_rms_norm_and_silu_mul(kernels):
+    x = torch.randn(5, 96)
+    w = torch.rand(96) + 0.5
+    torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), F.rms_norm(x, (96,), w, 1e-5))
+    g = torch.randn(5, 2 * 40) * 4
+    torch.testing.assert_close(kernels.silu_mul(g), F.silu(g[:, :40]) * g[:, 40:])
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_rope_store_equals_rope_then_cache_write(kernels, kv_dtype):
+    h, kv, hd, t = 6, 2, 16, 5
+    config = _config(h, kv, hd)
+    model = GPT.random(config)
+    cache = KVCache(config, num_blocks=6, block_size=4, dtype=kv_dtype)
+    expected_cache = KVCache(config, num_blocks=6, block_size=4, dtype=kv_dtype)
+    qkv = torch.randn(t, (h + 2 * kv) * hd)
+    positions = torch.tensor([3, 9, 0, 17, 5])
+    slots = torch.tensor([22, 1, 7, 12, 0])
+    rope = (model.rope_cos[positions][:, None], model.rope_sin[positions][:, None])  # type: ignore[index]
+    qk = apply_rope(qkv[:, : (h + kv) * hd].view(t, h + kv, hd), *rope)
+
+    got = qkv.clone()
+    kernels.rope_store(
+        got, h, kv, hd, positions, (model.rope_cos, model.rope_sin), slots, cache.k[0], cache.v[0]
+    )  # type: ignore[arg-type]
+    got_qk = got[:, : (h + kv) * hd].view(t, h + kv, hd)
+    torch.testing.assert_close(got_qk, qk)  # the same rotation, up to rounding
+    # and exactly what was computed lands in the slots, rounded to the cache's dtype
+    expected_cache.write(0, got_qk[:, h:], got[:, (h + kv) * hd :].view(t, kv, hd), slots)
+    torch.testing.assert_close(cache.k.float(), expected_cache.k.float(), rtol=0, atol=0)
+    torch.testing.assert_close(cache.v.float(), expected_cache.v.float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("h,kv,hd", [(6, 2, 16), (4, 4, 12), (9, 3, 64)])
+def test_decode_attention_equals_sdpa_over_gathered_blocks(kernels, kv_dtype, h, kv, hd):
+    config = _config(h, kv, hd)
+    cache = KVCache(config, num_blocks=12, block_size=4, dtype=kv_dtype)
+    cache.k.copy_(torch.randn(cache.k.shape))
+    cache.v.copy_(torch.randn(cache.v.shape))
+    tables = torch.tensor([[7, 2, 9, 0], [11, 3, 0, 0], [5, 0, 0, 0]])  # out of order, padded
+    ctx = torch.tensor([14, 6, 1])
+    q = torch.randn(3, h, hd)
+    got = kernels.decode_attention(q, cache.k[0], cache.v[0], tables, ctx, 0.3)
+    k, v = cache.gather(0, tables)  # (B, L, KV, hd)
+    mask = (torch.arange(k.shape[1])[None, :] < ctx[:, None])[:, None, None, :]
+    expected = F.scaled_dot_product_attention(
+        q.unsqueeze(2),
+        k.float().transpose(1, 2),
+        v.float().transpose(1, 2),
+        attn_mask=mask,
+        scale=0.3,
+        enable_gqa=True,
+    ).squeeze(2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _config(h: int, kv: int, hd: int, n_layer: int = 1):
+    from model.config import ModelConfig
+
+    return ModelConfig(
+        arch="llama",
+        vocab_size=50,
+        n_layer=n_layer,
+        n_head=h,
+        n_kv_head=kv,
+        n_embd=h * hd,
+        head_dim=hd,
+        intermediate_size=64,
+        block_size=64,
+    )
+
+
+# -- the model's paths --------------------------------------------------------------
+
+
+def test_mixed_step_equals_parts_and_decodes_take_the_batched_path():
+    """Decodes and a prefill chunk in one step: the decode rows go through the batched
+    path (asserted on the path, not timed) and every logit equals running apart."""
+    config = _config(6, 2, 16)
+    model = GPT.random(config, seed=1)
+    prompts = [[3, 14, 15, 9, 2, 6, 5, 35, 8], [27, 18, 28, 18], [1, 2, 3, 4, 5, 6, 7]]
+    tables = [[0, 1, 2], [3, 4], [5, 6]]
+
+    def prefill(cache, i):
+        b = ForwardBatch.build([prompts[i]], block_tables=[tables[i]], block_size=4)
+        return model(b, cache)
+
+    apart = KVCache(config, num_blocks=8, block_size=4)
+    mixed = KVCache(config, num_blocks=8, block_size=4)
+    with torch.no_grad():
+        for i in (0, 1):
+            prefill(apart, i)
+            prefill(mixed, i)
+        decodes = [[7], [11]]
+        batch = ForwardBatch.build(
+            decodes + [prompts[2][:5]],
+            start_pos=[len(prompts[0]), len(prompts[1]), 0],
+            block_tables=tables,
+            block_size=4,
+        )
+        step = model.step_inputs(batch, mixed)
+        assert step.n_decode == 2 and step.decode_tables is not None
+        assert step.decode_tables.shape == (2, 3)  # trimmed to the decodes' own blocks
+        together = model(batch, mixed)
+        alone = [
+            model(ForwardBatch.build([d], start_pos=[s], block_tables=[t], block_size=4), apart)
+            for d, s, t in zip(decodes, [9, 4], tables[:2], strict=True)
+        ]
+        alone.append(
+            model(
+                ForwardBatch.build([prompts[2][:5]], block_tables=[tables[2]], block_size=4), apart
+            )
+        )
+    torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_kernels_off_falls_back_with_a_log_line(monkeypatch, caplog):
+    monkeypatch.setenv("GPTSERVE_KERNELS", "off")
+    kmod.load.cache_clear()
+    try:
+        with caplog.at_level("INFO", logger="model.kernels"):
+            assert kmod.load() is None
+        assert "off" in caplog.text
+    finally:
+        kmod.load.cache_clear()
+
+
+def test_missing_compiler_falls_back(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("GPTSERVE_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setattr(kmod, "_cache_dirs", lambda: [tmp_path])
+    kmod.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="model.kernels"):
+            assert kmod.load() is None
+        assert "unavailable" in caplog.text
+    finally:
+        kmod.load.cache_clear()
+
+
+def test_kv_cache_pages_are_not_resident_until_written():
+    config = _config(9, 3, 64, n_layer=30)  # the default model's cache
+    before = _rss_bytes()
+    cache = KVCache.for_tokens(config, 32768, block_size=16)  # 2 x 755 MB of float32
+    assert cache.k.numel() * 4 > 200e6
+    assert _rss_bytes() - before < 20e6
+    cache.k[0, :4].fill_(1.0)  # writing touches only those pages
+    assert _rss_bytes() - before < 40e6
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+
+def test_tiny_llama_gguf_kept_quantized_matches_float_load(hf_checkpoint, tmp_path):
+    """The quantized path and the dequantized one give the same logits on a GGUF whose
+    fused layers mix Q4_1 and Q8_0 rows (q, k permuted on their raw bytes)."""
+    from tests.model.test_gguf import llama_gguf_tensors, llama_meta, write_gguf
+
+    ckpt = hf_checkpoint("llama", n_kv_head=2, n_embd=64)
+    types = dict(attn_q=Q.Q8_0, attn_k=Q.Q4_1, attn_v=Q.Q4_0, attn_output=Q.Q5_0,
+                 ffn_gate=Q.Q4_1, ffn_up=Q.Q4_1, ffn_down=Q.Q8_0, token_embd=Q.Q8_0,
+                 output=Q.Q5_1)  # fmt: skip
+    tensors = llama_gguf_tensors(ckpt.hf, types)
+    path = write_gguf(tmp_path / "q.gguf", "llama", tensors, llama_meta(ckpt.hf.config))
+    kept, _ = load_gguf(path, weights="auto")
+    floats, _ = load_gguf(path, weights="float")
+    assert len(kept.quantized_layers()) > 0 and not floats.quantized_layers()
+    ids = [5, 61, 33, 7, 90, 14, 2, 48]
+    for rows in ([len(ids) - 1], list(range(len(ids)))):  # kernel rows, and the GEMM path
+        batch = ForwardBatch.build([ids], logits_rows=[rows])
+        with torch.no_grad():
+            torch.testing.assert_close(kept(batch), floats(batch), rtol=1e-4, atol=1e-4)

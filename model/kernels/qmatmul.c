@@ -14,8 +14,10 @@
  * Rows of W are split between threads (OpenMP); up to MT rows of x share each
  * decoded weight block, so a batch of decodes reads the weights once.
  */
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -173,13 +175,18 @@ static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
 }
 #endif
 
-/* xs: scratch of M * K / 32 floats (only read when m is not NULL).
- * accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T. */
+/* accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T.
+ * Returns 0, or -1 when the scratch for the block sums cannot be allocated. */
 #define GEMM(NAME, QTYPE, ROW, BYTES)                                                   \
-    void NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const float *d,     \
-              const float *m, int64_t N, float *y, float *xs, int accumulate) {         \
+    int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const float *d,      \
+             const float *m, int64_t N, float *y, int accumulate) {                     \
         const int64_t nb = K / QK;                                                      \
-        if (m) block_sums(x, M, K, xs);                                                 \
+        float *xs = NULL;                                                               \
+        if (m) {                                                                        \
+            xs = (float *)malloc(sizeof(float) * (size_t)(M * nb));                     \
+            if (!xs) return -1;                                                         \
+            block_sums(x, M, K, xs);                                                    \
+        }                                                                               \
         _Pragma("omp parallel for schedule(static)")                                    \
         for (int64_t n = 0; n < N; n++) {                                               \
             const QTYPE *qrow = q + n * nb * (BYTES);                                   \
@@ -196,6 +203,8 @@ static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
                 }                                                                       \
             }                                                                           \
         }                                                                               \
+        free(xs);                                                                       \
+        return 0;                                                                       \
     }
 GEMM(qmm_q4, uint8_t, row_q4, QK / 2)
 GEMM(qmm_q8, int8_t, row_q8, QK)
@@ -243,9 +252,6 @@ void qmm_dequant_q8(const int8_t *q, const float *d, const float *m, int64_t N, 
  * Softmax over the ctx[b] keys of sequence b, in float32, as SDPA computes it
  * (scores, max, exp, sum, weighted values), without gathering the blocks.
  */
-#include <math.h>
-#include <stdlib.h>
-
 static inline float load_kv(const void *base, int64_t i, int kv_dtype) {
     if (kv_dtype == 0) return ((const float *)base)[i];
     uint16_t h = ((const uint16_t *)base)[i];
@@ -450,4 +456,58 @@ void qmm_rope_store(float *qkv, int64_t T, int64_t H, int64_t KV, int64_t hd,
             }
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------
+ * A whole decode step of a Llama model's blocks in one call: per layer, RMSNorm,
+ * qkv, RoPE and cache store, attention, output product into the residual, RMSNorm,
+ * gate and up, SiLU-and-multiply, down product into the residual. The same
+ * functions as above, without a round trip to Python between them.
+ */
+typedef struct {
+    const void *q; /* q4: uint8 nibbles; q8: int8 */
+    const float *d, *m;
+    int64_t n, k;
+    int32_t kind; /* 0: q4, 1: q8 */
+} QWeight;
+
+typedef struct {
+    QWeight qkv, o, fc, down;
+    const float *attn_norm, *mlp_norm;
+} QLayer;
+
+static int qmatmul(const QWeight *w, const float *x, int64_t M, float *y, int accumulate) {
+    if (w->kind == 0)
+        return qmm_q4(x, M, w->k, (const uint8_t *)w->q, w->d, w->m, w->n, y, accumulate);
+    return qmm_q8(x, M, w->k, (const int8_t *)w->q, w->d, w->m, w->n, y, accumulate);
+}
+
+/* x: (B, C) residual stream, updated in place. Caches: (n_layer, slots, KV, hd), one
+ * layer layer_stride elements after the previous. scratch: B * (C + (H + 2 KV) hd +
+ * H hd + 3 I) floats. Returns 0, or -1 when memory runs out. */
+int qmm_decode_layers(const QLayer *layers, int64_t n_layer, float *x, int64_t B, int64_t C,
+                      int64_t H, int64_t KV, int64_t hd, int64_t I, float eps,
+                      const int64_t *positions, const float *cos, const float *sin_signed,
+                      const int64_t *slots, void *k_cache, void *v_cache, int64_t layer_stride,
+                      int kv_dtype, int64_t block_size, const int64_t *tables, int64_t W,
+                      const int64_t *ctx, float scale, float *scratch) {
+    const int64_t width = (H + 2 * KV) * hd, elem = kv_dtype == 0 ? 4 : 2;
+    float *h = scratch, *qkv = h + B * C, *att = qkv + B * width, *g = att + B * H * hd;
+    float *a = g + B * 2 * I;
+    for (int64_t l = 0; l < n_layer; l++) {
+        const QLayer *L = layers + l;
+        char *kc = (char *)k_cache + l * layer_stride * elem;
+        char *vc = (char *)v_cache + l * layer_stride * elem;
+        qmm_rms_norm(x, L->attn_norm, B, C, eps, h);
+        if (qmatmul(&L->qkv, h, B, qkv, 0)) return -1;
+        qmm_rope_store(qkv, B, H, KV, hd, positions, cos, sin_signed, slots, kc, vc, kv_dtype);
+        qmm_decode_attention(qkv, width, kc, vc, kv_dtype, block_size, B, H, KV, hd, tables, W,
+                             ctx, scale, att);
+        if (qmatmul(&L->o, att, B, x, 1)) return -1;
+        qmm_rms_norm(x, L->mlp_norm, B, C, eps, h);
+        if (qmatmul(&L->fc, h, B, g, 0)) return -1;
+        qmm_silu_mul(g, B, I, a);
+        if (qmatmul(&L->down, a, B, x, 1)) return -1;
+    }
+    return 0;
 }

@@ -334,3 +334,40 @@ def test_tiny_llama_gguf_kept_quantized_matches_float_load(hf_checkpoint, tmp_pa
         batch = ForwardBatch.build([ids], logits_rows=[rows])
         with torch.no_grad():
             torch.testing.assert_close(kept(batch), floats(batch), rtol=1e-4, atol=1e-4)
+
+
+def test_c_decode_step_equals_the_module_path(hf_checkpoint, tmp_path):
+    """A pure decode step on a quantized model runs every block in one kernel call;
+    it must give the logits and the cache the PyTorch modules give."""
+    from tests.model.test_gguf import llama_gguf_tensors, llama_meta, write_gguf
+
+    ckpt = hf_checkpoint("llama", n_kv_head=2, n_embd=64)
+    types = dict(attn_q=Q.Q4_1, attn_k=Q.Q4_1, attn_v=Q.Q8_0, attn_output=Q.Q4_0,
+                 ffn_gate=Q.Q4_1, ffn_up=Q.Q4_1, ffn_down=Q.Q8_0, token_embd=Q.Q8_0,
+                 output=Q.Q8_0)  # fmt: skip
+    path = write_gguf(
+        tmp_path / "q.gguf", "llama", llama_gguf_tensors(ckpt.hf, types), llama_meta(ckpt.hf.config)
+    )
+    fast, config = load_gguf(path, weights="auto")
+    slow, _ = load_gguf(path, weights="auto")
+    slow._plan = False  # the module path
+    assert fast._decode_plan() is not None
+    prompts = [[5, 61, 33, 7, 90, 14, 2], [48, 19, 70], [26, 3, 84, 11, 59]]
+    tables = [[4, 0], [2], [5, 1]]
+    results = []
+    for model in (fast, slow):
+        cache = KVCache(config, num_blocks=6, block_size=4, dtype=torch.float16)
+        logits = []
+        with torch.no_grad():
+            for p, t in zip(prompts, tables, strict=True):
+                model(ForwardBatch.build([p], block_tables=[t], block_size=4), cache)
+            batch = ForwardBatch.build(
+                [[9], [8], [7]],
+                start_pos=[len(p) for p in prompts],
+                block_tables=tables,
+                block_size=4,
+            )
+            logits.append(model(batch, cache))
+        results.append((torch.cat(logits), cache.k.float().clone(), cache.v.float().clone()))
+    for got, expected in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

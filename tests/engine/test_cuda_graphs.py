@@ -6,13 +6,21 @@ import asyncio
 
 import pytest
 import torch
-from engine_testlib import ByteTokenizer, collect, greedy, prompt_of, run, tiny_model, tokens_of
 
 from model.registry import DEFAULT_MODEL
 from service.engine.config import EngineConfig
 from service.engine.cuda_graphs import DecodeGraphs, width_buckets
 from service.engine.engine import Engine
 from service.engine.types import SamplingParams
+from tests.engine.engine_testlib import (
+    ByteTokenizer,
+    collect,
+    greedy,
+    prompt_of,
+    run,
+    tiny_model,
+    tokens_of,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -8,18 +8,6 @@ import math
 
 import pytest
 import torch
-from engine_testlib import (
-    ByteTokenizer,
-    collect,
-    greedy,
-    make_engine,
-    metric,
-    prompt_of,
-    reference_greedy,
-    run,
-    tiny_model,
-    tokens_of,
-)
 from prometheus_client import generate_latest
 
 from model.kv_cache import ForwardBatch
@@ -36,6 +24,18 @@ from service.engine.types import (
     QueueFull,
     RequestFailed,
     SamplingParams,
+)
+from tests.engine.engine_testlib import (
+    ByteTokenizer,
+    collect,
+    greedy,
+    make_engine,
+    metric,
+    prompt_of,
+    reference_greedy,
+    run,
+    tiny_model,
+    tokens_of,
 )
 
 

@@ -192,7 +192,7 @@ class Block(nn.Module):
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
     """An embedding without random init: weights are always assigned after construction,
-    and normal_() on the meta device costs ~0.7 s of lazy imports at start-up."""
+    and normal_() on the meta device pays lazy imports at start-up (docs/benchmarks.md)."""
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 

@@ -70,7 +70,8 @@ class KVCache(nn.Module):
     def gather(self, layer: int, block_tables: Tensor) -> tuple[Tensor, Tensor]:
         """Keys/values of whole blocks: (B, n_blocks * block_size, n_kv_head, head_dim)."""
         shape = (block_tables.shape[0], -1, *self.k.shape[-2:])
-        # index_select on the flat table: ~3x faster than advanced indexing on the CPU.
+        # index_select on the flat table: faster than advanced indexing on the CPU
+        # (docs/benchmarks.md, Analysis).
         blocks = block_tables.reshape(-1)
         k = self.k[layer].index_select(0, blocks)  # (B * n_blocks, block_size, n_kv, hd)
         v = self.v[layer].index_select(0, blocks)
@@ -95,10 +96,6 @@ class ForwardBatch:
     logits_indices: Tensor  # (N,) rows of the T tokens whose logits are returned
     query_lens: list[int]  # host copies, for splitting the batch
     start_pos: list[int]
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.query_lens)
 
     @property
     def is_decode(self) -> bool:

@@ -234,8 +234,8 @@ _TOP_P_PROBE = 1024
 def _top_p_probe(x: Tensor, p: Tensor) -> Tensor | None:
     """Top-p from the best ``_TOP_P_PROBE`` tokens, when they hold the nucleus.
 
-    A full sort of a 49k vocabulary costs ~2 ms a row on a CPU core; a partial
-    topk is far cheaper, and when the candidates' mass (normalised over the whole
+    A full sort of a large vocabulary is costly on a CPU core (docs/benchmarks.md); a
+    partial topk is far cheaper, and when the candidates' mass (normalised over the whole
     vocabulary) reaches p in every row, every token outside them would be cut by
     the full sort too. Checking that needs the values on the host, so this is for
     the CPU only (on CUDA sample() must not synchronise). None: sort everything.

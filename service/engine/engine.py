@@ -77,8 +77,9 @@ def _in_passing_thread(fn: Callable[[], T]) -> T:
     Every thread that runs torch CPU ops keeps an OpenMP pool of its own for
     as long as it lives. Once pool threads outnumber the cores, libgomp
     throttles spinning and the engine thread's pool sleeps and wakes on every
-    op: on 2 cores a decode step went from ~33 to ~54 ms because the loading
-    thread (an executor thread that never exits) still held its pool. Loading
+    op: decode steps slowed markedly while the loading thread (an executor
+    thread that never exits) still held its pool (docs/benchmarks.md, "Engine
+    overhead and the OpenMP finding"). Loading
     in a thread that is joined frees that pool; the engine thread is then the
     only one that computes.
     """
@@ -134,7 +135,6 @@ class Engine:
         self._state = "new"  # new -> running -> draining -> stopped, or -> dead
         self._stop_now = False
         self._dead: BaseException | None = None
-        self.num_steps = 0  # engine steps run so far
 
     def _context_len(self, cache_tokens: int) -> int:
         model_len = self.model_config.block_size
@@ -171,10 +171,6 @@ class Engine:
         return _in_passing_thread(build)
 
     # -- properties for the HTTP layer ----------------------------------------------
-
-    @property
-    def is_ready(self) -> bool:
-        return self._state == "running" and self._ready.is_set() and self._dead is None
 
     @property
     def num_running(self) -> int:
@@ -359,7 +355,6 @@ class Engine:
             return not self._stop_now
 
     def _step(self) -> None:
-        self.num_steps += 1
         self._apply_aborts()
         self._run_embeds()
         with self._cond:

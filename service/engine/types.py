@@ -131,10 +131,6 @@ class QueueFull(RequestError):
         self.retry_after = retry_after
 
 
-class RequestAborted(RequestError):
-    code = "aborted"
-
-
 class RequestFailed(RequestError):
     """The engine failed this request alone (an error while sampling or detokenizing
     it); raised from its event iterator. Other requests and the engine go on. This

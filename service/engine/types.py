@@ -114,11 +114,24 @@ class ContextLengthExceeded(BadRequest):
         super().__init__(
             f"this model's context is {context} tokens, but the prompt has {prompt_tokens} tokens "
             f"and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all)",
-            param="prompt",
+            # A prompt that leaves room for a token is fine: then max_tokens asks too much.
+            param="prompt" if prompt_tokens >= context else "max_tokens",
         )
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.context = context
+
+
+class TokenOutOfVocabulary(BadRequest):
+    """A token id outside the model's vocabulary; the message names the id and the size."""
+
+    code = "token_out_of_vocabulary"
+
+    def __init__(self, token: int, vocab_size: int, param: str) -> None:
+        super().__init__(
+            f"token id {token} is out of vocabulary (the vocabulary has {vocab_size} tokens)",
+            param=param,
+        )
 
 
 class QueueFull(RequestError):

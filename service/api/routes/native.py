@@ -25,12 +25,12 @@ from service.api.schemas.native import (
 )
 from service.api.serving import (
     Generation,
-    check_token_ids,
     prompt_ids,
     resolve_max_tokens,
     until_disconnect,
 )
 from service.api.sse import SSE_RESPONSE, SSEResponse
+from service.engine.request import check_token_ids
 from service.engine.types import GenerateRequest, TokenizerLike
 
 router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
@@ -82,7 +82,7 @@ async def tokenize(body: TokenizeBody, ctx: ServedDep) -> TokenizeOut:
 @router.post("/detokenize", response_model=DetokenizeOut)
 async def detokenize(body: DetokenizeBody, ctx: ServedDep) -> DetokenizeOut:
     """The text of token ids (each must be in the vocabulary)."""
-    check_token_ids(body.tokens, ctx.limits, "tokens")
+    check_token_ids(body.tokens, ctx.limits.vocab_size, "tokens")
     text = ctx.engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)
     return DetokenizeOut(text=text)
 

@@ -18,7 +18,7 @@ from service.api.schemas.common import (
     TopLogprobs,
     UsageOut,
 )
-from service.api.serving import Limits, check_cap, check_stop, check_token_ids
+from service.api.serving import Limits, check_cap, check_stop
 from service.settings import HARD_MAX_BATCH
 
 
@@ -38,7 +38,6 @@ class GenerateBody(SamplingFields):
 
     def check(self, limits: Limits) -> None:
         check_stop(self.stop, limits)
-        check_token_ids(self.stop_token_ids, limits, "stop_token_ids")
         check_cap(self.logprobs, limits.max_logprobs, "logprobs")
 
     @property

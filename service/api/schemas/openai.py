@@ -30,7 +30,7 @@ from service.api.schemas.common import (
     TokenIds,
     TopLogprobs,
 )
-from service.api.serving import Limits, check_cap, check_stop, check_token_ids
+from service.api.serving import Limits, check_cap, check_stop
 from service.settings import HARD_MAX_BATCH
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -68,7 +68,6 @@ class _SamplingFields(SamplingFields):
 
     def check_common(self, limits: Limits, top_logprobs: int | None) -> None:
         check_stop(self.stop_list, limits)
-        check_token_ids(self.stop_token_ids, limits, "stop_token_ids")
         check_cap(self.n, limits.max_n, "n")
         check_cap(top_logprobs, limits.max_logprobs, "logprobs")
         if self.stream_options is not None and not self.stream:

@@ -51,7 +51,7 @@ def smollm2_135m_config() -> ModelConfig:
         n_kv_head=3,
         n_embd=576,
         intermediate_size=1536,
-        block_size=8192,
+        max_seq_len=8192,
         rope_theta=100000.0,
         tie_embeddings=True,
     )
@@ -66,7 +66,7 @@ def tiny_config() -> ModelConfig:
         n_kv_head=2,
         n_embd=64,
         intermediate_size=128,
-        block_size=512,
+        max_seq_len=512,
         tie_embeddings=True,
     )
 

@@ -30,7 +30,7 @@ class ModelConfig:
     n_kv_head: int | None = None  # None: n_head (plain multi-head attention)
     head_dim: int | None = None  # None: n_embd // n_head
     intermediate_size: int | None = None  # None: 4 * n_embd (gpt2 only)
-    block_size: int = 2048  # maximum context length in tokens
+    max_seq_len: int = 2048  # context length: the most positions a sequence may use
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
@@ -42,7 +42,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
             raise ConfigError(f"arch must be 'gpt2' or 'llama', got {self.arch!r}")
-        for field in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        for field in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
@@ -126,7 +126,7 @@ class ModelConfig:
                 n_head=hf["n_head"],
                 n_embd=hf["n_embd"],
                 intermediate_size=hf.get("n_inner"),
-                block_size=hf.get("n_positions", 1024),
+                max_seq_len=hf.get("n_positions", 1024),
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                 tie_embeddings=hf.get("tie_word_embeddings", True),
                 activation=activation,
@@ -151,7 +151,7 @@ class ModelConfig:
                 n_kv_head=hf.get("num_key_value_heads"),
                 head_dim=hf.get("head_dim"),
                 intermediate_size=hf["intermediate_size"],
-                block_size=hf.get("max_position_embeddings", 2048),
+                max_seq_len=hf.get("max_position_embeddings", 2048),
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=float(theta),
                 tie_embeddings=hf.get("tie_word_embeddings", False),

@@ -205,7 +205,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = _embedding(config.vocab_size, config.n_embd)
         self.wpe = (
-            _embedding(config.block_size, config.n_embd) if config.learned_positions else None
+            _embedding(config.max_seq_len, config.n_embd) if config.learned_positions else None
         )
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = Norm(config)
@@ -288,9 +288,9 @@ class GPT(nn.Module):
             self.config.rope_theta
             ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
         )
-        pos = torch.arange(self.config.block_size, device=device).float()
-        freqs = torch.outer(pos, inv_freq)  # (block_size, hd / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
+        pos = torch.arange(self.config.max_seq_len, device=device).float()
+        freqs = torch.outer(pos, inv_freq)  # (max_seq_len, hd / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
         dtype = self.wte.weight.dtype
         half = hd // 2
         sin = emb.sin()
@@ -340,9 +340,9 @@ class GPT(nn.Module):
         Without one, every sequence must start at position 0.
         """
         end = max(s + q for s, q in zip(batch.start_pos, batch.query_lens, strict=True))
-        if end > self.config.block_size:
+        if end > self.config.max_seq_len:
             raise ValueError(
-                f"position {end - 1} is past the context of {self.config.block_size} tokens"
+                f"position {end - 1} is past the context of {self.config.max_seq_len} tokens"
             )
         x = self.wte(batch.input_ids)  # (T, C)
         if self.wpe is not None:

@@ -104,7 +104,7 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
             n_kv_head=_meta(header, f"{arch}.attention.head_count_kv", int, n_head),
             head_dim=_meta(header, f"{arch}.attention.key_length", int, None),
             intermediate_size=_meta(header, f"{arch}.feed_forward_length", int),
-            block_size=_meta(header, f"{arch}.context_length", int),
+            max_seq_len=_meta(header, f"{arch}.context_length", int),
             norm_eps=_meta(header, f"{arch}.attention.{norm}", float, 1e-5),
             rope_theta=_meta(header, f"{arch}.rope.freq_base", float, 10000.0),
             tie_embeddings="output.weight" not in header.tensors,
@@ -171,7 +171,7 @@ def _llama_plan(config: ModelConfig) -> Plan:
 def _gpt2_plan(config: ModelConfig) -> Plan:
     plan = _common_plan(config)
     c, inner = config.n_embd, config.intermediate_size or 0
-    plan["wpe.weight"] = [Part("position_embd.weight", config.block_size)]
+    plan["wpe.weight"] = [Part("position_embd.weight", config.max_seq_len)]
     for i in range(config.n_layer):
         ours, blk = f"layers.{i}.", f"blk.{i}."
         for p in ("weight", "bias"):

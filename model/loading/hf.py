@@ -158,7 +158,7 @@ def _gpt2_plan(config: ModelConfig, prefix: str) -> Plan:
     p = prefix
     plan: Plan = {
         "wte.weight": [Part(f"{p}wte.weight", config.vocab_size)],
-        "wpe.weight": [Part(f"{p}wpe.weight", config.block_size)],
+        "wpe.weight": [Part(f"{p}wpe.weight", config.max_seq_len)],
         "norm.weight": [Part(f"{p}ln_f.weight", c)],
         "norm.bias": [Part(f"{p}ln_f.bias", c)],
     }

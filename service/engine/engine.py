@@ -137,7 +137,7 @@ class Engine:
         self._dead: BaseException | None = None
 
     def _context_len(self, cache_tokens: int) -> int:
-        model_len = self.model_config.block_size
+        model_len = self.model_config.max_seq_len
         wanted = self.config.max_model_len or model_len
         if wanted > model_len:
             raise ValueError(f"max_model_len {wanted} exceeds the model's context of {model_len}")

@@ -11,7 +11,7 @@ from typing import Any
 
 from model.sampling import SamplingRow
 from service.engine.output import TextAssembler
-from service.engine.scheduler import Sequence as Seq
+from service.engine.scheduler import Seq
 from service.engine.types import (
     BadRequest,
     ContextLengthExceeded,

@@ -72,12 +72,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: Sequence[ScheduledChunk], tables: Sequence[list[int]]) -> Tensor:
         """Logits (N, vocab) of the chunks that sample, in chunk order."""
-        if self.graphs is not None and all(c.length == 1 and c.samples for c in chunks):
+        if self.graphs is not None and all(c.length == 1 and c.produces_token for c in chunks):
             logits = self.graphs.run(chunks, tables)
             if logits is not None:
                 return logits
         tokens = [c.seq.token_ids[c.start : c.start + c.length] for c in chunks]
-        rows = [[c.length - 1] if c.samples else [] for c in chunks]
+        rows = [[c.length - 1] if c.produces_token else [] for c in chunks]
         batch = ForwardBatch.build(
             tokens,
             start_pos=[c.start for c in chunks],

@@ -261,7 +261,7 @@ def decode_rows(model: GPT, plan: Plan, bandwidth: float) -> list[Row]:
 
 def prefill_flops(config: ModelConfig, t: int) -> float:
     """Matmul FLOPs of a T-token causal prefill; the vocabulary projection only for the last token."""
-    c, inner, layers = config.n_embd, config.intermediate_size or 0, config.n_layer
+    c, inner, layers = config.n_embd, config.intermediate_size, config.n_layer
     per_token = c * (config.q_size + 2 * config.kv_size) + config.q_size * c
     per_token += c * inner * (3 if config.gated_mlp else 2)
     attention = (

@@ -60,8 +60,8 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.n_kv_head: int = config.n_kv_head  # type: ignore[assignment]
-        self.head_dim: int = config.head_dim  # type: ignore[assignment]
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         # q, k and v in one matmul: one kernel launch instead of three.
         self.qkv = nn.Linear(
@@ -70,6 +70,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(self.q_size, config.n_embd, bias=bool(config.attn_bias))
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
+    # The type: ignores below: a batch has slot_mapping and block_tables exactly when a
+    # KV cache is given (ForwardBatch.build), and the decode mask only then; the types
+    # of ForwardBatch and StepInputs cannot say so.
     def forward(
         self,
         x: Tensor,
@@ -152,7 +155,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inner: int = config.intermediate_size  # type: ignore[assignment]
+        inner = config.intermediate_size
         self.gated = config.gated_mlp
         self.activation = config.activation
         # SwiGLU: gate and up projections fused into one matmul, gate first.
@@ -283,7 +286,7 @@ class GPT(nn.Module):
     def _init_rope(self, device: torch.device) -> None:
         if self.config.learned_positions:
             return
-        hd: int = self.config.head_dim  # type: ignore[assignment]
+        hd = self.config.head_dim
         inv_freq = 1.0 / (
             self.config.rope_theta
             ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
@@ -319,9 +322,9 @@ class GPT(nn.Module):
                 self.rope_sin[batch.positions][:, None, :],
             )
         mask = None
-        if kv_cache is not None and batch.is_decode:
+        if kv_cache is not None and batch.block_tables is not None and batch.is_decode:
             # Decode reads whole blocks; keys past a sequence's length are masked out.
-            n_keys = batch.block_tables.shape[1] * kv_cache.block_size  # type: ignore[union-attr]
+            n_keys = batch.block_tables.shape[1] * kv_cache.block_size
             keys = torch.arange(n_keys, device=batch.context_lens.device)
             mask = (keys[None, :] < batch.context_lens[:, None])[:, None, None, :]  # (B, 1, 1, L)
         return StepInputs(rope, mask)

@@ -42,9 +42,7 @@ class KVCache(nn.Module):
             )
         self.num_blocks = num_blocks
         self.block_size = block_size
-        n_kv_head: int = config.n_kv_head  # type: ignore[assignment]  # set by __post_init__
-        head_dim: int = config.head_dim  # type: ignore[assignment]
-        shape = (config.n_layer, num_blocks, block_size, n_kv_head, head_dim)
+        shape = (config.n_layer, num_blocks, block_size, config.n_kv_head, config.head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 

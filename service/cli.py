@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from model.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -27,7 +31,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else time.time_ns() % (2**31)
     step = 0
 
-    def pick(logits):  # type: ignore[no-untyped-def]
+    def pick(logits: Tensor) -> int:
         nonlocal step
         row = SamplingRow(temperature=args.temperature, seed=seed, step=step)
         step += 1

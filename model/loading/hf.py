@@ -154,7 +154,7 @@ def _linear(
 
 
 def _gpt2_plan(config: ModelConfig, prefix: str) -> Plan:
-    c, inner = config.n_embd, config.intermediate_size or 0
+    c, inner = config.n_embd, config.intermediate_size
     p = prefix
     plan: Plan = {
         "wte.weight": [Part(f"{p}wte.weight", config.vocab_size)],
@@ -178,7 +178,7 @@ def _gpt2_plan(config: ModelConfig, prefix: str) -> Plan:
 
 
 def _llama_plan(config: ModelConfig) -> Plan:
-    c, inner = config.n_embd, config.intermediate_size or 0
+    c, inner = config.n_embd, config.intermediate_size
     plan: Plan = {
         "wte.weight": [Part("model.embed_tokens.weight", config.vocab_size)],
         "norm.weight": [Part("model.norm.weight", c)],

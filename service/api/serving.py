@@ -175,7 +175,7 @@ class _Stream:
             self.engine.abort(self.request.request_id)
             self.finished = True
         with contextlib.suppress(Exception):
-            await self.iterator.aclose()  # type: ignore[attr-defined]
+            await self.iterator.aclose()
 
 
 class Generation:

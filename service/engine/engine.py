@@ -96,7 +96,8 @@ def _in_passing_thread(fn: Callable[[], T]) -> T:
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    value: T = box["value"]
+    return value
 
 
 class Engine:

@@ -7,7 +7,7 @@ them; the engine never sees pydantic, FastAPI or Starlette objects.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -191,7 +191,9 @@ class EngineClient(Protocol):
         """Tokenize off the event loop."""
         ...
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """The request's events; closing the stream aborts the request."""
+        ...
 
     async def embed(
         self,

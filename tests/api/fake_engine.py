@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
@@ -107,7 +107,7 @@ class FakeEngine:
         if self.queue_full:
             raise QueueFull("the queue is full", retry_after=2.5)
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         self._check_accepting()
         validate_request(request, VOCAB, self.max_model_len)
         self.requests.append(request)
@@ -115,7 +115,7 @@ class FakeEngine:
         self.running_gauge.set(len(self.running))
         return self._stream(request)
 
-    async def _stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    async def _stream(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         params, prompt = request.params, request.prompt_token_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, out = "", list[int]()

@@ -1,9 +1,9 @@
-"""``gptserve bench``: sweep any OpenAI-compatible ``/v1/completions`` server.
+"""``gptserve-bench``: sweep any OpenAI-compatible ``/v1/completions`` server.
 
-``gptserve bench [flags]`` runs a concurrency sweep (or, with ``--request-rate``,
+``gptserve-bench [flags]`` runs a concurrency sweep (or, with ``--request-rate``,
 open-loop Poisson/gamma arrivals) against ``--base-url``, prints a table and
 optionally writes a results JSON and plots. ``--launch`` starts gptserve itself
-as a child process first. ``gptserve bench suite`` runs the CPU suite
+as a child process first. ``gptserve-bench suite`` runs the CPU suite
 (``make bench``).
 """
 
@@ -50,7 +50,7 @@ def parse_slo(items: list[str]) -> SLO | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="gptserve bench",
+        prog="gptserve-bench",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print_table(points)
     if args.out:
         results = {
-            **header(["gptserve", "bench", *argv]),
+            **header(["gptserve-bench", *argv]),
             "base_url": base_url,
             "model": model,
             "input_len": args.input_len,
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args, argv)
     except httpx.HTTPError as exc:
-        print(f"gptserve bench: cannot reach the server: {exc}", file=sys.stderr)
+        print(f"gptserve-bench: cannot reach the server: {exc}", file=sys.stderr)
         return 2
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,11 @@ from model.config import ModelConfig
 from model.gpt import GPT
 from model.kv_cache import ForwardBatch, KVCache
 from model.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from service.engine.cuda_graphs import DecodeGraphs
 
 log = logging.getLogger("bench.gpu_bench")
 
@@ -46,7 +51,7 @@ def smollm2_135m_config() -> ModelConfig:
         n_kv_head=3,
         n_embd=576,
         intermediate_size=1536,
-        block_size=8192,
+        max_seq_len=8192,
         rope_theta=100000.0,
         tie_embeddings=True,
     )
@@ -61,7 +66,7 @@ def tiny_config() -> ModelConfig:
         n_kv_head=2,
         n_embd=64,
         intermediate_size=128,
-        block_size=512,
+        max_seq_len=512,
         tie_embeddings=True,
     )
 
@@ -191,6 +196,20 @@ def graphed(
         return step, "eager (graph capture failed)"
 
 
+def eager_decode_graphs() -> type[DecodeGraphs]:
+    """``DecodeGraphs`` that runs its padded static batches eagerly: nothing to capture."""
+    from service.engine.cuda_graphs import DecodeGraphs
+
+    class EagerDecodeGraphs(DecodeGraphs):
+        def capture(self) -> None:
+            self._pad_inputs()
+
+        def _replay(self, b: int, w: int) -> Tensor:
+            return self.model(self._batch(b, w), self.kv_cache)
+
+    return EagerDecodeGraphs
+
+
 def engine_decode(model: GPT, batch: int, context: int) -> tuple[Callable[[], object], str]:
     """The engine's own decode path (``DecodeGraphs``: static buffers, one host-to-device
     copy, graph replay) for ``batch`` sequences at position ``context - 1``."""
@@ -198,8 +217,9 @@ def engine_decode(model: GPT, batch: int, context: int) -> tuple[Callable[[], ob
 
     per_seq = -(-context // 16)
     cache = KVCache(model.config, batch * per_seq + 1, 16, dtype=model.dtype, device=model.device)
-    graphs = DecodeGraphs(model, cache, [batch], per_seq, scratch_block=batch * per_seq)
-    graphs.replay = model.device.type == "cuda"  # off the GPU it runs the same padded batch eagerly
+    replay = model.device.type == "cuda"  # off the GPU: the same padded batch, run eagerly
+    kind = DecodeGraphs if replay else eager_decode_graphs()
+    graphs = kind(model, cache, [batch], per_seq, scratch_block=batch * per_seq)
     graphs.capture()
     tokens = [1] * context
     # Stand-ins for the scheduler's chunks: only .start and .seq.token_ids are read.
@@ -207,7 +227,7 @@ def engine_decode(model: GPT, batch: int, context: int) -> tuple[Callable[[], ob
         SimpleNamespace(start=context - 1, seq=SimpleNamespace(token_ids=tokens))
     ] * batch
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
-    how = "engine CUDA graph" if graphs.replay else "engine decode path, eager"
+    how = "engine CUDA graph" if replay else "engine decode path, eager"
     return partial(graphs.run, chunks, tables), how
 
 
@@ -241,7 +261,7 @@ def decode_rows(model: GPT, plan: Plan, bandwidth: float) -> list[Row]:
 
 def prefill_flops(config: ModelConfig, t: int) -> float:
     """Matmul FLOPs of a T-token causal prefill; the vocabulary projection only for the last token."""
-    c, inner, layers = config.n_embd, config.intermediate_size or 0, config.n_layer
+    c, inner, layers = config.n_embd, config.intermediate_size, config.n_layer
     per_token = c * (config.q_size + 2 * config.kv_size) + config.q_size * c
     per_token += c * inner * (3 if config.gated_mlp else 2)
     attention = (

@@ -290,7 +290,7 @@ def write(doc: Path, results: R, images: Sequence[Path], results_path: Path) -> 
 INTRO = """\
 `make bench` runs the CPU suite (`python -m bench.suite`, under 10 minutes on two cores) and
 rewrites this page, its plots (`docs/img/cpu-*.png`) and the raw results
-(`docs/img/cpu-suite.json`). `gptserve bench` drives any OpenAI-compatible server with the
+(`docs/img/cpu-suite.json`). `gptserve-bench` drives any OpenAI-compatible server with the
 same load generator (see [Benchmarking any server](#benchmarking-any-server)). The machine the
 suite ran on was shared with other work, so single figures are noisy: the suite repeats the
 side-by-side measurements and quotes medians."""
@@ -298,7 +298,7 @@ side-by-side measurements and quotes medians."""
 HOWTO = """\
 ## Benchmarking any server
 
-`gptserve bench` is a load generator for any server with an OpenAI-compatible `/v1/completions`
+`gptserve-bench` is a load generator for any server with an OpenAI-compatible `/v1/completions`
 endpoint. Every request streams (SSE) with `stream_options.include_usage`, asks for greedy
 decoding and a fixed length (`max_tokens` plus `"ignore_eos": true`, which gptserve, vLLM and
 llama.cpp's server accept). Prompts are cut from `bench/data/corpus.txt` to an exact token count
@@ -306,12 +306,12 @@ with the model's tokenizer (`--tokenizer`, a model name or a `.gguf` / checkpoin
 
 ```sh
 # a running gptserve: concurrency sweep, results JSON and plots
-gptserve bench --base-url http://127.0.0.1:8000 --concurrency 1,2,4,8,16,32 \\
+gptserve-bench --base-url http://127.0.0.1:8000 --concurrency 1,2,4,8,16,32 \\
     --input-len 64 --output-len 128 --out bench/results/sweep.json --plots bench/results
 # open loop: Poisson arrivals at 0.5, 1 and 2 requests/s (burstiness 1), 40 requests each
-gptserve bench --base-url http://127.0.0.1:8000 --request-rate 0.5,1,2 --num-prompts 40
+gptserve-bench --base-url http://127.0.0.1:8000 --request-rate 0.5,1,2 --num-prompts 40
 # burstier arrivals (gamma shape 0.5) with SLOs for goodput
-gptserve bench --request-rate 1 --burstiness 0.5 --goodput ttft:500 tpot:100
+gptserve-bench --request-rate 1 --burstiness 0.5 --goodput ttft:500 tpot:100
 ```
 
 Metrics follow vLLM's `bench serve`: TTFT is the first content chunk (non-empty `choices`)
@@ -340,7 +340,7 @@ Then, from the gptserve checkout (`-np` is its number of parallel slots: set it 
 highest concurrency; `-t` the CPU threads):
 
 ```sh
-gptserve bench --base-url http://127.0.0.1:8081 --model SmolLM2-135M-Instruct \\
+gptserve-bench --base-url http://127.0.0.1:8081 --model SmolLM2-135M-Instruct \\
     --concurrency 1,2,4,8,16,32 --out bench/results/llama-server.json --plots bench/results --plot-prefix llama-server
 ```
 

@@ -19,7 +19,9 @@ class ModelConfig:
 
     ``arch`` picks the family: ``gpt2`` (learned absolute positions, LayerNorm,
     GELU MLP, biases) or ``llama`` (RoPE, RMSNorm, SwiGLU MLP, grouped-query
-    attention). Fields left as ``None`` are derived in ``__post_init__``.
+    attention). Sizes left at 0 and flags left as ``None`` are derived in
+    ``__post_init__``: afterwards every field holds its resolved value, so the
+    sizes are plain ints to the rest of the code.
     """
 
     arch: Arch
@@ -27,10 +29,10 @@ class ModelConfig:
     n_layer: int
     n_head: int
     n_embd: int
-    n_kv_head: int | None = None  # None: n_head (plain multi-head attention)
-    head_dim: int | None = None  # None: n_embd // n_head
-    intermediate_size: int | None = None  # None: 4 * n_embd (gpt2 only)
-    block_size: int = 2048  # maximum context length in tokens
+    n_kv_head: int = 0  # 0: n_head (plain multi-head attention)
+    head_dim: int = 0  # 0: n_embd // n_head
+    intermediate_size: int = 0  # 0: 4 * n_embd (gpt2 only)
+    max_seq_len: int = 2048  # context length: the most positions a sequence may use
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
@@ -42,18 +44,18 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "llama"):
             raise ConfigError(f"arch must be 'gpt2' or 'llama', got {self.arch!r}")
-        for field in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size"):
+        for field in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len"):
             value = getattr(self, field)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{field} must be a positive integer, got {value!r}")
         gpt2 = self.arch == "gpt2"
-        if self.n_kv_head is None:
+        if not self.n_kv_head:
             self.n_kv_head = self.n_head
         if self.n_kv_head <= 0 or self.n_head % self.n_kv_head != 0:
             raise ConfigError(
                 f"n_head ({self.n_head}) must be a positive multiple of n_kv_head ({self.n_kv_head})"
             )
-        if self.head_dim is None:
+        if not self.head_dim:
             if self.n_embd % self.n_head != 0:
                 raise ConfigError(
                     f"n_embd ({self.n_embd}) is not divisible by n_head ({self.n_head}); set head_dim"
@@ -63,7 +65,7 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be positive, got {self.head_dim}")
         if not gpt2 and self.head_dim % 2 != 0:
             raise ConfigError(f"RoPE needs an even head_dim, got {self.head_dim}")
-        if self.intermediate_size is None:
+        if not self.intermediate_size:
             if not gpt2:
                 raise ConfigError("llama configs need intermediate_size")
             self.intermediate_size = 4 * self.n_embd
@@ -97,11 +99,11 @@ class ModelConfig:
 
     @property
     def q_size(self) -> int:
-        return self.n_head * self.head_dim  # type: ignore[operator]
+        return self.n_head * self.head_dim
 
     @property
     def kv_size(self) -> int:
-        return self.n_kv_head * self.head_dim  # type: ignore[operator]
+        return self.n_kv_head * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,8 +127,8 @@ class ModelConfig:
                 n_layer=hf["n_layer"],
                 n_head=hf["n_head"],
                 n_embd=hf["n_embd"],
-                intermediate_size=hf.get("n_inner"),
-                block_size=hf.get("n_positions", 1024),
+                intermediate_size=hf.get("n_inner") or 0,
+                max_seq_len=hf.get("n_positions", 1024),
                 norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                 tie_embeddings=hf.get("tie_word_embeddings", True),
                 activation=activation,
@@ -148,10 +150,10 @@ class ModelConfig:
                 n_layer=hf["num_hidden_layers"],
                 n_head=hf["num_attention_heads"],
                 n_embd=hf["hidden_size"],
-                n_kv_head=hf.get("num_key_value_heads"),
-                head_dim=hf.get("head_dim"),
+                n_kv_head=hf.get("num_key_value_heads") or 0,
+                head_dim=hf.get("head_dim") or 0,
                 intermediate_size=hf["intermediate_size"],
-                block_size=hf.get("max_position_embeddings", 2048),
+                max_seq_len=hf.get("max_position_embeddings", 2048),
                 norm_eps=hf.get("rms_norm_eps", 1e-6),
                 rope_theta=float(theta),
                 tie_embeddings=hf.get("tie_word_embeddings", False),

@@ -58,10 +58,10 @@ def generate(
 ) -> Iterator[int]:
     """Yield new token ids one at a time (greedy unless ``pick`` chooses otherwise)."""
     total = len(prompt_ids) + max_new_tokens
-    if total > model.config.block_size:
+    if total > model.config.max_seq_len:
         raise ValueError(
             f"prompt ({len(prompt_ids)}) plus max_new_tokens ({max_new_tokens}) exceeds the "
-            f"context of {model.config.block_size} tokens"
+            f"context of {model.config.max_seq_len} tokens"
         )
     if cache is None:
         cache = KVCache.for_tokens(model.config, total, dtype=model.dtype, device=model.device)

@@ -62,29 +62,36 @@ def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
 
 
 @dataclass
+class DecodeInputs:
+    """Addressing of the batched decode path: its rows' block tables and context lengths."""
+
+    tables: Tensor  # (n_decode, W) block tables, trimmed to the decodes' own contexts
+    context_lens: Tensor  # (n_decode,)
+    mask: Tensor | None  # (n_decode, 1, 1, W * block_size) key j inside the context; None: kernel
+
+
+@dataclass
 class StepInputs:
     """What every layer needs and is the same for all of them: computed once per forward.
 
     A batch is split in two: its leading single-token sequences (decodes; the
     scheduler puts them first) go through one batched attention call over their
-    gathered blocks, the rest (prefill chunks) through one call each.
+    blocks, the rest (prefill chunks) through one call each.
     """
 
     rope: tuple[Tensor, Tensor] | None  # (cos, sin_signed), each (T, 1, hd); None when fused
     fused: Kernels | None  # the CPU kernels, when they run the whole block (Llama, float32)
     rope_tables: tuple[Tensor, Tensor] | None  # (cos, sin_signed) by position, when fused
     n_decode: int  # leading sequences (= rows) that take the batched decode path
-    decode_tables: Tensor | None  # (n_decode, W) block tables, trimmed to their context
-    decode_mask: Tensor | None  # (n_decode, 1, 1, W * block_size): key j inside the context
-    context_lens: Tensor | None  # (n_decode,)
+    decode: DecodeInputs | None  # set when n_decode > 0
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.n_kv_head: int = config.n_kv_head  # type: ignore[assignment]
-        self.head_dim: int = config.head_dim  # type: ignore[assignment]
+        self.n_kv_head = config.n_kv_head
+        self.head_dim = config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         # q, k and v in one matmul: one kernel launch instead of three.
         self.qkv = nn.Linear(
@@ -110,14 +117,14 @@ class Attention(nn.Module):
         else:
             q, k, v = self._rope_store(qkv, batch, kv_cache, layer, step)
         d = step.n_decode
-        if d == t:
-            y = self._decode(q, kv_cache, layer, step)  # type: ignore[arg-type]
-        elif d == 0:
+        if step.decode is None or kv_cache is None:
             y = self._per_sequence(q, k, v, batch, kv_cache, layer, 0)
+        elif d == t:
+            y = self._decode(q, kv_cache, layer, step.decode)
         else:
             y = torch.cat(
                 (
-                    self._decode(q[:d], kv_cache, layer, step),  # type: ignore[arg-type]
+                    self._decode(q[:d], kv_cache, layer, step.decode),
                     self._per_sequence(q[d:], k[d:], v[d:], batch, kv_cache, layer, d),
                 )
             )
@@ -139,7 +146,7 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (T, H, hd), (T, KV, hd)
         if kv_cache is not None:
-            kv_cache.write(layer, k, v, batch.slot_mapping)  # type: ignore[arg-type]
+            kv_cache.write(layer, k, v, batch.cache_addressing()[0])
         return q, k, v
 
     def _rope_store_fused(
@@ -153,36 +160,34 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor]:
         """The same in one kernel call: rotate q and k in place, store k and v."""
         t = qkv.shape[0]
-        kernels.rope_store(
-            qkv, self.n_head, self.n_kv_head, self.head_dim, batch.positions, step.rope_tables,
-            batch.slot_mapping,
-            None if kv_cache is None else kv_cache.k[layer],
-            None if kv_cache is None else kv_cache.v[layer],
-        )  # fmt: skip
+        if kv_cache is None:
+            kernels.rope_store(qkv, self.n_head, self.n_kv_head, self.head_dim,
+                               batch.positions, step.rope_tables, None)  # fmt: skip
+        else:
+            cache = (batch.cache_addressing()[0], kv_cache.k[layer], kv_cache.v[layer])
+            kernels.rope_store(qkv, self.n_head, self.n_kv_head, self.head_dim,
+                               batch.positions, step.rope_tables, cache)  # fmt: skip
         q = qkv[:, : self.q_size].view(t, self.n_head, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.n_kv_head, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
         return q, k, v
 
-    def _decode(self, q: Tensor, kv_cache: KVCache, layer: int, step: StepInputs) -> Tensor:
+    def _decode(self, q: Tensor, kv_cache: KVCache, layer: int, dec: DecodeInputs) -> Tensor:
         """One new token per sequence: one batched call over the gathered blocks
         (on the CPU, a kernel that reads the blocks in place)."""
         kernels = load_kernels()
         if kernels is not None and supports_attention(q, kv_cache.k):
             return kernels.decode_attention(
-                q,
-                kv_cache.k[layer],
-                kv_cache.v[layer],
-                step.decode_tables,  # type: ignore[arg-type]
-                step.context_lens,  # type: ignore[arg-type]
-                self.scale,
+                q, kv_cache.k[layer], kv_cache.v[layer], dec.tables, dec.context_lens, self.scale
             )  # (B, H, hd)
-        k, v = kv_cache.gather(layer, step.decode_tables)  # type: ignore[arg-type]  # (B, L, KV, hd)
+        k, v = kv_cache.gather(layer, dec.tables)  # (B, L, KV, hd)
+        if dec.mask is None:
+            raise ValueError("the decode path needs a key mask without the attention kernel")
         y = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (B, H, 1, hd)
             k.to(q.dtype).transpose(1, 2),  # (B, KV, L, hd)
             v.to(q.dtype).transpose(1, 2),
-            attn_mask=step.decode_mask,
+            attn_mask=dec.mask,
             scale=self.scale,
             enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, 1, hd)
@@ -212,7 +217,7 @@ class Attention(nn.Module):
                 raise ValueError("a sequence that starts past position 0 needs a KV cache")
             else:
                 ctx = start + qlen
-                kc, vc = kv_cache.gather(layer, batch.block_tables[i : i + 1])  # type: ignore[index]
+                kc, vc = kv_cache.gather(layer, batch.cache_addressing()[1][i : i + 1])
                 ki, vi = kc[0, :ctx].to(q.dtype), vc[0, :ctx].to(q.dtype)  # (ctx, KV, hd)
                 qpos = torch.arange(start, ctx, device=q.device)
                 mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (qlen, ctx)
@@ -233,7 +238,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        inner: int = config.intermediate_size  # type: ignore[assignment]
+        inner = config.intermediate_size
         self.gated = config.gated_mlp
         self.activation = config.activation
         # SwiGLU: gate and up projections fused into one matmul, gate first.
@@ -287,7 +292,8 @@ class Block(nn.Module):
 def _linear(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
     """``layer(x)``, or ``residual`` with it added in place (fused into quantized matmuls)."""
     if residual is None:
-        return layer(x)  # type: ignore[no-any-return]
+        out: Tensor = layer(x)
+        return out
     if isinstance(layer, QuantLinear):
         return layer(x, residual)
     return residual.add_(layer(x))
@@ -295,7 +301,7 @@ def _linear(layer: nn.Module, x: Tensor, residual: Tensor | None) -> Tensor:
 
 def _embedding(num: int, dim: int) -> nn.Embedding:
     """An embedding without random init: weights are always assigned after construction,
-    and normal_() on the meta device costs ~0.7 s of lazy imports at start-up."""
+    and normal_() on the meta device pays lazy imports at start-up (docs/benchmarks.md)."""
     return nn.Embedding(num, dim, _weight=torch.empty(num, dim))
 
 
@@ -310,7 +316,7 @@ class GPT(nn.Module):
         self.config = config
         self.wte = _embedding(config.vocab_size, config.n_embd)
         self.wpe = (
-            _embedding(config.block_size, config.n_embd) if config.learned_positions else None
+            _embedding(config.max_seq_len, config.n_embd) if config.learned_positions else None
         )
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = Norm(config)
@@ -417,14 +423,14 @@ class GPT(nn.Module):
     def _init_rope(self, device: torch.device) -> None:
         if self.config.learned_positions:
             return
-        hd: int = self.config.head_dim  # type: ignore[assignment]
+        hd = self.config.head_dim
         inv_freq = 1.0 / (
             self.config.rope_theta
             ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
         )
-        pos = torch.arange(self.config.block_size, device=device).float()
-        freqs = torch.outer(pos, inv_freq)  # (block_size, hd / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (block_size, hd)
+        pos = torch.arange(self.config.max_seq_len, device=device).float()
+        freqs = torch.outer(pos, inv_freq)  # (max_seq_len, hd / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
         dtype = self.dtype
         half = hd // 2
         sin = emb.sin()
@@ -465,9 +471,9 @@ class GPT(nn.Module):
                     self.rope_sin[batch.positions][:, None, :],
                 )
         n_decode = batch.num_leading_decodes
-        if kv_cache is None or batch.block_tables is None or n_decode == 0:
-            return StepInputs(rope, fused, rope_tables, 0, None, None, None)
-        tables = batch.block_tables
+        if kv_cache is None or n_decode == 0:
+            return StepInputs(rope, fused, rope_tables, 0, None)
+        tables = batch.cache_addressing()[1]
         if n_decode < len(batch.query_lens):
             # Mixed step: the decodes read only as many blocks as their longest context.
             bs = kv_cache.block_size
@@ -479,7 +485,7 @@ class GPT(nn.Module):
         if fused is None:
             keys = torch.arange(tables.shape[1] * kv_cache.block_size, device=tables.device)
             mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        return StepInputs(rope, fused, rope_tables, n_decode, tables, mask, ctx)
+        return StepInputs(rope, fused, rope_tables, n_decode, DecodeInputs(tables, ctx, mask))
 
     def _decode_plan(self) -> DecodePlan | None:
         """The blocks' weights for the C decode step, when every linear layer of every
@@ -498,8 +504,8 @@ class GPT(nn.Module):
             self.device.type != "cpu"
             or self.dtype != torch.float32
             or not (config.rmsnorm and config.gated_mlp and not config.learned_positions)
-            or (config.head_dim or 0) > MAX_HEAD_DIM
-            or (config.n_head // (config.n_kv_head or config.n_head)) > MAX_GROUP
+            or config.head_dim > MAX_HEAD_DIM
+            or config.n_head // config.n_kv_head > MAX_GROUP
             or (kv_cache is not None and not supports_cache(kv_cache.k))
         ):
             return None
@@ -519,21 +525,28 @@ class GPT(nn.Module):
         Without one, every sequence must start at position 0.
         """
         end = max(s + q for s, q in zip(batch.start_pos, batch.query_lens, strict=True))
-        if end > self.config.block_size:
+        if end > self.config.max_seq_len:
             raise ValueError(
-                f"position {end - 1} is past the context of {self.config.block_size} tokens"
+                f"position {end - 1} is past the context of {self.config.max_seq_len} tokens"
             )
         x = self.wte(batch.input_ids)  # (T, C)
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
         step = self.step_inputs(batch, kv_cache)
-        plan = self._decode_plan() if step.fused is not None else None
-        if plan is not None and kv_cache is not None and step.n_decode == x.shape[0]:
+        kernels, dec, rope = step.fused, step.decode, step.rope_tables
+        plan = self._decode_plan() if kernels is not None else None
+        if (
+            kernels is not None
+            and plan is not None
+            and kv_cache is not None
+            and dec is not None
+            and rope is not None
+            and step.n_decode == x.shape[0]
+        ):
             # A pure decode step on the CPU: every block in one kernel call.
-            step.fused.decode_layers(  # type: ignore[union-attr]
-                plan, x, batch.positions, step.rope_tables, batch.slot_mapping,  # type: ignore[arg-type]
-                kv_cache.k, kv_cache.v, step.decode_tables, step.context_lens,  # type: ignore[arg-type]
-            )  # fmt: skip
+            slots = batch.cache_addressing()[0]
+            kernels.decode_layers(plan, x, batch.positions, rope, slots, kv_cache.k, kv_cache.v,
+                                  dec.tables, dec.context_lens)  # fmt: skip
         else:
             for i, block in enumerate(self.layers):
                 x = block(x, batch, kv_cache, i, step)
@@ -576,9 +589,9 @@ def build_decode_plan(model: GPT) -> DecodePlan | None:
         keep=keep,
         n_layer=config.n_layer,
         n_head=config.n_head,
-        n_kv_head=config.n_kv_head,  # type: ignore[arg-type]
-        head_dim=config.head_dim,  # type: ignore[arg-type]
-        inner=config.intermediate_size,  # type: ignore[arg-type]
+        n_kv_head=config.n_kv_head,
+        head_dim=config.head_dim,
+        inner=config.intermediate_size,
         eps=config.norm_eps,
-        scale=1.0 / math.sqrt(config.head_dim),  # type: ignore[arg-type]
+        scale=1.0 / math.sqrt(config.head_dim),
     )

@@ -137,9 +137,9 @@ class QuantLinear(nn.Module):
             and x2.device.type == "cpu"
             and x2.dtype == torch.float32
         )
-        if direct and (residual is None or self.bias is None):
+        if kernels is not None and direct and (residual is None or self.bias is None):
             out = torch.empty(rows, self.out_features) if residual is None else residual
-            kernels.matmul(x2.contiguous(), self.weight_q, out, accumulate=residual is not None)  # type: ignore[union-attr]
+            kernels.matmul(x2.contiguous(), self.weight_q, out, accumulate=residual is not None)
             if self.bias is not None:
                 out += self.bias
             return out.view(*lead, self.out_features)

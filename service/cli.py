@@ -1,4 +1,4 @@
-"""The `gptserve` command: serve, generate, info, bench."""
+"""The `gptserve` command: serve, generate, info (the benchmarks are `gptserve-bench`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import argparse
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from model.registry import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -27,7 +31,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     seed = args.seed if args.seed is not None else time.time_ns() % (2**31)
     step = 0
 
-    def pick(logits):  # type: ignore[no-untyped-def]
+    def pick(logits: Tensor) -> int:
         nonlocal step
         row = SamplingRow(temperature=args.temperature, seed=seed, step=step)
         step += 1
@@ -74,22 +78,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # serve and bench own their flags; hand them the rest of the command line.
+    # serve owns its flags; hand it the rest of the command line.
     if argv and argv[0] == "serve":
         from service.api.server import main as serve_main
 
         return serve_main(argv[1:])
-    if argv and argv[0] == "bench":
-        from bench.cli import main as bench_main
-
-        return bench_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="gptserve", description="GPT inference server")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve a model over HTTP (see `gptserve serve --help`)")
-    sub.add_parser(
-        "bench", help="benchmark an OpenAI-compatible server (see `gptserve bench --help`)"
-    )
     gen = sub.add_parser("generate", help="stream a completion to stdout")
     _add_model_args(gen)
     gen.add_argument("--prompt", required=True)

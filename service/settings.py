@@ -1,7 +1,9 @@
 """Service configuration: one pydantic-settings object, read from ``GPTSERVE_*`` variables.
 
 The CLI (``gptserve serve --help``) mirrors every field as a flag; flags win over
-the environment. ``get_settings()`` is cached so that tests can override it.
+the environment. The engine section comes from ``EngineConfig``: each of its
+settable fields gives its default, description and bounds here.
+``get_settings()`` is cached so that tests can override it.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from model.registry import DEFAULT_MODEL
+from service.engine.config import EngineConfig, KVCacheDtype, settings_fields
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
-KVDtype = Literal["auto", "float32", "bfloat16", "float16"]
 Weights = Literal["auto", "float", "int8", "int4"]
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
@@ -30,6 +32,13 @@ HARD_MAX_LOGPROBS = 20
 HARD_MAX_BATCH = 2048
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
+
+
+def _engine_field(name: str) -> Any:
+    """The Settings field of an EngineConfig setting: its default, description and bounds."""
+    [spec] = [f for f in settings_fields() if f.name == name]
+    bounds = {k: v for k, v in spec.metadata.items() if k != "description"}
+    return Field(default=spec.default, description=spec.metadata["description"], **bounds)
 
 
 class Settings(BaseSettings):
@@ -66,48 +75,18 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", min_length=1, description="address to bind")
     port: int = Field(default=8000, ge=1, le=65535, description="port to bind")
 
-    # -- engine (mirrors EngineConfig)
-    max_num_seqs: int = Field(
-        default=64, ge=1, le=4096, description="sequences decoded together in one step"
-    )
-    max_batched_tokens: int = Field(
-        default=512, ge=1, le=1_048_576, description="token budget of one engine step"
-    )
-    block_size: int = Field(default=16, ge=1, le=1024, description="KV cache block size in tokens")
-    kv_cache_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        le=1 << 30,
-        description="KV cache size in tokens (default: from memory fraction on CUDA, 32768 on CPU)",
-    )
-    kv_cache_memory_fraction: float = Field(
-        default=0.85,
-        gt=0.0,
-        le=1.0,
-        description="share of free accelerator memory the KV cache may take",
-    )
-    max_queue_requests: int = Field(
-        default=256, ge=1, le=1_000_000, description="waiting requests before 429"
-    )
-    max_queue_tokens: int = Field(
-        default=1_000_000, ge=1, le=1 << 34, description="waiting prompt tokens before 429"
-    )
-    max_model_len: int | None = Field(
-        default=None,
-        ge=1,
-        le=1 << 24,
-        description="context length (default: the model's, clamped to the KV cache)",
-    )
-    kv_cache_dtype: KVDtype = Field(
-        default="auto",
-        description="KV cache dtype (auto: the model's; float16/bfloat16 halve it, not exact)",
-    )
-    enable_prefix_caching: bool = Field(
-        default=True, description="share KV blocks of identical prompt prefixes"
-    )
-    cuda_graphs: bool = Field(
-        default=True, description="capture the decode step in CUDA graphs (CUDA only)"
-    )
+    # -- engine: names and types listed here, default, description and bounds from EngineConfig
+    max_num_seqs: int = _engine_field("max_num_seqs")
+    max_batched_tokens: int = _engine_field("max_batched_tokens")
+    block_size: int = _engine_field("block_size")
+    kv_cache_tokens: int | None = _engine_field("kv_cache_tokens")
+    kv_cache_memory_fraction: float = _engine_field("kv_cache_memory_fraction")
+    max_queue_requests: int = _engine_field("max_queue_requests")
+    max_queue_tokens: int = _engine_field("max_queue_tokens")
+    max_model_len: int | None = _engine_field("max_model_len")
+    kv_cache_dtype: KVCacheDtype = _engine_field("kv_cache_dtype")
+    enable_prefix_caching: bool = _engine_field("enable_prefix_caching")
+    cuda_graphs: bool = _engine_field("cuda_graphs")
 
     # -- request limits
     max_body_bytes: int = Field(
@@ -200,10 +179,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens_limit ({self.max_tokens_limit})"
             )
-        if self.max_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_batched_tokens ({self.max_batched_tokens}) must be at least max_num_seqs ({self.max_num_seqs})"
-            )
+        # The engine's own rules (bounds, one setting against another), checked here so that
+        # a bad combination fails at start-up, naming the settings, not at model load.
+        EngineConfig(**self.engine_kwargs())
         return self
 
     @property
@@ -219,20 +197,7 @@ class Settings(BaseSettings):
 
     def engine_kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``EngineConfig``."""
-        names = (
-            "max_num_seqs",
-            "max_batched_tokens",
-            "block_size",
-            "kv_cache_tokens",
-            "kv_cache_memory_fraction",
-            "max_queue_requests",
-            "max_queue_tokens",
-            "max_model_len",
-            "kv_cache_dtype",
-            "enable_prefix_caching",
-            "cuda_graphs",
-        )
-        return {name: getattr(self, name) for name in names}
+        return {f.name: getattr(self, f.name) for f in settings_fields()}
 
 
 def _split_keys(raw: str) -> list[str]:

@@ -130,19 +130,16 @@ class Kernels:
         head_dim: int,
         positions: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
-        slots: torch.Tensor | None,
-        k_cache: torch.Tensor | None,
-        v_cache: torch.Tensor | None,
+        cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
     ) -> None:
         """RoPE on the q and k heads of contiguous (T, (H + 2 KV) hd) ``qkv`` rows, in place;
-        then k and v stored at ``slots`` of one layer's cache (when given)."""
+        then k and v stored in one layer's cache, ``cache`` = (slots, k_cache, v_cache)."""
         cos, sin = rope if rope is not None else (None, None)
-        store = slots is not None and k_cache is not None and v_cache is not None
+        slots, k_cache, v_cache = cache if cache is not None else (None, None, None)
+        kv_dtype = KV_DTYPES[k_cache.dtype] if k_cache is not None else 0
         self.lib.qmm_rope_store(
             qkv.data_ptr(), qkv.shape[0], n_head, n_kv_head, head_dim, positions.data_ptr(),
-            _ptr(cos), _ptr(sin), _ptr(slots) if store else None,
-            _ptr(k_cache) if store else None, _ptr(v_cache) if store else None,
-            KV_DTYPES[k_cache.dtype] if store else 0,  # type: ignore[union-attr]
+            _ptr(cos), _ptr(sin), _ptr(slots), _ptr(k_cache), _ptr(v_cache), kv_dtype,
         )  # fmt: skip
 
     def decode_layers(

@@ -44,7 +44,8 @@ def _q4_0(b: Tensor) -> Tensor:  # d: f16, qs: 16 bytes
 
 def _q4_1(b: Tensor) -> Tensor:  # d, m: f16, qs: 16 bytes
     q = torch.empty(b.shape[0], 2, 16)
-    # Writing the two halves into a float buffer skips the uint8 intermediates: 3x faster.
+    # Writing the two halves into a float buffer skips the uint8 intermediates (measured:
+    # docs/benchmarks.md, Analysis).
     q[:, 0] = b[:, 4:] & 0x0F
     q[:, 1] = b[:, 4:] >> 4
     return q.view(b.shape[0], 32).mul_(_f16(b, 0)).add_(_f16(b, 2))

@@ -114,9 +114,9 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
             n_head=n_head,
             n_embd=_meta(header, f"{arch}.embedding_length", int),
             n_kv_head=_meta(header, f"{arch}.attention.head_count_kv", int, n_head),
-            head_dim=_meta(header, f"{arch}.attention.key_length", int, None),
+            head_dim=_meta(header, f"{arch}.attention.key_length", int, 0),
             intermediate_size=_meta(header, f"{arch}.feed_forward_length", int),
-            block_size=_meta(header, f"{arch}.context_length", int),
+            max_seq_len=_meta(header, f"{arch}.context_length", int),
             norm_eps=_meta(header, f"{arch}.attention.{norm}", float, 1e-5),
             rope_theta=_meta(header, f"{arch}.rope.freq_base", float, 10000.0),
             tie_embeddings="output.weight" not in header.tensors,
@@ -160,8 +160,8 @@ def _linear_params(bias: bool | None) -> tuple[str, ...]:
 
 def _llama_plan(config: ModelConfig) -> Plan:
     plan = _common_plan(config)
-    h, kv, c = config.n_head, config.n_kv_head or config.n_head, config.n_embd
-    inner = config.intermediate_size or 0
+    h, kv, c = config.n_head, config.n_kv_head, config.n_embd
+    inner = config.intermediate_size
     for i in range(config.n_layer):
         ours, blk = f"layers.{i}.", f"blk.{i}."
         for p in _linear_params(config.attn_bias):
@@ -182,8 +182,8 @@ def _llama_plan(config: ModelConfig) -> Plan:
 
 def _gpt2_plan(config: ModelConfig) -> Plan:
     plan = _common_plan(config)
-    c, inner = config.n_embd, config.intermediate_size or 0
-    plan["wpe.weight"] = [Part("position_embd.weight", config.block_size)]
+    c, inner = config.n_embd, config.intermediate_size
+    plan["wpe.weight"] = [Part("position_embd.weight", config.max_seq_len)]
     for i in range(config.n_layer):
         ours, blk = f"layers.{i}.", f"blk.{i}."
         for p in ("weight", "bias"):

@@ -160,11 +160,11 @@ def _linear(
 
 
 def _gpt2_plan(config: ModelConfig, prefix: str) -> Plan:
-    c, inner = config.n_embd, config.intermediate_size or 0
+    c, inner = config.n_embd, config.intermediate_size
     p = prefix
     plan: Plan = {
         "wte.weight": [Part(f"{p}wte.weight", config.vocab_size)],
-        "wpe.weight": [Part(f"{p}wpe.weight", config.block_size)],
+        "wpe.weight": [Part(f"{p}wpe.weight", config.max_seq_len)],
         "norm.weight": [Part(f"{p}ln_f.weight", c)],
         "norm.bias": [Part(f"{p}ln_f.bias", c)],
     }
@@ -184,7 +184,7 @@ def _gpt2_plan(config: ModelConfig, prefix: str) -> Plan:
 
 
 def _llama_plan(config: ModelConfig) -> Plan:
-    c, inner = config.n_embd, config.intermediate_size or 0
+    c, inner = config.n_embd, config.intermediate_size
     plan: Plan = {
         "wte.weight": [Part("model.embed_tokens.weight", config.vocab_size)],
         "norm.weight": [Part("model.norm.weight", c)],

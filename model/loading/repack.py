@@ -113,12 +113,9 @@ def join_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     kind = common_kind({p.kind for p in parts})
     if kind == "q8":
         parts = [as_q8(p) for p in parts]
-    ms = [p.m for p in parts]
-    if any(m is not None for m in ms):
-        ms = [torch.zeros_like(p.d) if p.m is None else p.m for p in parts]
-        m = torch.cat(ms)  # type: ignore[arg-type]
-    else:
-        m = None
+    m = None
+    if any(p.m is not None for p in parts):
+        m = torch.cat([torch.zeros_like(p.d) if p.m is None else p.m for p in parts])
     return QuantizedWeight(
         parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m
     )

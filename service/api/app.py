@@ -54,6 +54,7 @@ def create_app(
     for router in (ops.router, native.router, openai.router):
         app.include_router(router)
     _add_middleware(app, settings)
+    # FastAPI's documented hook for a custom schema is assigning app.openapi.
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

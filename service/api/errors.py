@@ -24,7 +24,6 @@ from service.engine.types import (
     EngineError,
     EngineUnavailable,
     QueueFull,
-    RequestAborted,
     RequestError,
     RequestFailed,
 )
@@ -105,8 +104,6 @@ def from_engine_error(exc: EngineError) -> APIError:
     if isinstance(exc, RequestFailed):
         logger.error("the engine failed a request: %s", exc.message)
         return internal_error()
-    if isinstance(exc, RequestAborted):
-        return APIError(503, exc.message, code=exc.code)
     if isinstance(exc, RequestError):
         return APIError(400, exc.message, code=exc.code, param=exc.param)
     if isinstance(exc, EngineUnavailable):

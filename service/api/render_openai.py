@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from service.api.render import chat_logprobs, choice_usage, legacy_logprobs, total_usage
+from service.api.render import choice_usage, finite, token_bytes, token_text
 from service.api.serving import Choice, Generation
-from service.engine.types import GenerateEvent, TokenizerLike, Usage
+from service.engine.types import GenerateEvent, TokenizerLike, TokenLogprob, Usage
 
 UsageSink = Callable[[dict[str, Any]], None]
 
@@ -60,6 +60,57 @@ class Reply:
             "choices": choices,
             "usage": usage,
         }
+
+
+# -- logprobs and usage ------------------------------------------------------------------
+
+
+def legacy_logprobs(
+    tokenizer: TokenizerLike, logprobs: Sequence[TokenLogprob], offset: int = 0
+) -> tuple[dict[str, Any], int]:
+    """The /v1/completions form; ``offset`` is where this piece starts in the completion text."""
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in logprobs:
+        text = token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        values.append(finite(lp.logprob))
+        tops.append({token_text(tokenizer, t): finite(v) for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    body = {
+        "tokens": tokens,
+        "token_logprobs": values,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+    return body, offset
+
+
+def chat_logprobs(tokenizer: TokenizerLike, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        return {
+            "token": token_text(tokenizer, token_id),
+            "logprob": finite(logprob),
+            "bytes": token_bytes(tokenizer, token_id),
+        }
+
+    content = [
+        {**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, v) for t, v in lp.top]}
+        for lp in logprobs
+    ]
+    return {"content": content}
+
+
+def total_usage(usages: Sequence[Usage], prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI usage: each prompt counted once however many choices it had."""
+    completion = sum(u.completion_tokens for u in usages)
+    cached = sum(u.cached_tokens for u in usages)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 # -- /v1/completions ---------------------------------------------------------------------

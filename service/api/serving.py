@@ -18,7 +18,6 @@ from starlette.requests import Request
 
 from service.api.errors import APIError, bad_request
 from service.engine.types import (
-    ContextLengthExceeded,
     EngineClient,
     FinishReason,
     GenerateEvent,
@@ -87,16 +86,6 @@ def check_cap(value: int | None, cap: int, param: str) -> None:
         raise bad_request(f"'{param}' may be at most {cap} on this server, got {value}", param)
 
 
-def check_token_ids(ids: Sequence[int], limits: Limits, param: str) -> None:
-    for token in ids:
-        if not 0 <= token < limits.vocab_size:
-            raise bad_request(
-                f"token id {token} is out of vocabulary (the vocabulary has {limits.vocab_size} tokens)",
-                param,
-                code="token_out_of_vocabulary",
-            )
-
-
 async def prompt_ids(
     engine: EngineClient,
     limits: Limits,
@@ -104,12 +93,12 @@ async def prompt_ids(
     param: str = "prompt",
     add_special_tokens: bool = True,
 ) -> list[int]:
-    """The prompt as checked token ids; text is tokenized off the event loop."""
+    """The prompt as token ids within the server's prompt limit; text is tokenized off the
+    event loop. The engine checks the ids themselves when the request reaches it."""
     if isinstance(prompt, str):
         ids = await engine.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
     else:
         ids = list(prompt)
-        check_token_ids(ids, limits, param)
     if not ids:
         raise bad_request("the prompt must not be empty", param, code="empty_prompt")
     if len(ids) > limits.max_prompt_tokens or len(ids) >= limits.context:
@@ -125,14 +114,12 @@ async def prompt_ids(
 def resolve_max_tokens(
     requested: int | None, prompt_tokens: int, limits: Limits, default: int | None
 ) -> int:
-    """``requested`` checked against the limits; when omitted, ``default`` (None: the rest of the context)."""
-    room = limits.context - prompt_tokens
+    """``requested`` checked against the server's cap; when omitted, ``default`` (None: the
+    rest of the context). Whether prompt and max_tokens fit the context is the engine's check."""
     if requested is None:
+        room = limits.context - prompt_tokens
         return max(1, min(default or limits.max_tokens, limits.max_tokens, room))
     check_cap(requested, limits.max_tokens, "max_tokens")
-    if requested > room:
-        error = ContextLengthExceeded(prompt_tokens, requested, limits.context)
-        raise APIError(400, error.message, param="max_tokens", code=error.code)
     return requested
 
 
@@ -188,7 +175,7 @@ class _Stream:
             self.engine.abort(self.request.request_id)
             self.finished = True
         with contextlib.suppress(Exception):
-            await self.iterator.aclose()  # type: ignore[attr-defined]
+            await self.iterator.aclose()
 
 
 class Generation:

@@ -24,6 +24,23 @@ logger = logging.getLogger(__name__)
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# Each Server-Sent Event: ``data`` is a JSON payload, or "[DONE]" after the last one.
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "data": {"type": "string"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+    },
+    "required": ["data"],
+}
+SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        "description": "JSON, or Server-Sent Events with `stream: true`",
+    }
+}
+
 
 def encode_event(payload: dict[str, Any]) -> bytes:
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)

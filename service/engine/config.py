@@ -1,13 +1,24 @@
-"""Engine settings: batch shape, KV cache size, queue bounds, CUDA graph buckets."""
+"""Engine settings: batch shape, KV cache size, queue bounds, CUDA graph buckets.
+
+Each field an operator may set carries its description and bounds in its
+metadata (``setting``); the service's ``Settings`` derives its engine section
+from them, and ``__post_init__`` checks the same bounds, so a rule lives here once.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
 
 DEFAULT_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CPU_KV_CACHE_TOKENS = 32768
 KVCacheDtype = Literal["auto", "float32", "bfloat16", "float16"]
-KV_CACHE_DTYPES: tuple[KVCacheDtype, ...] = ("auto", "float32", "bfloat16", "float16")
+
+
+def setting(default: Any, description: str, **bounds: float) -> Any:
+    """A field operators may set: ``bounds`` are pydantic's ``ge``, ``gt`` and ``le``."""
+    return field(default=default, metadata={"description": description, **bounds})
 
 
 @dataclass
@@ -22,32 +33,40 @@ class EngineConfig:
     the cache on the CPU at the cost of exactness (docs/operations.md).
     """
 
-    CPU_KV_CACHE_TOKENS = 32768
+    CPU_KV_CACHE_TOKENS = CPU_KV_CACHE_TOKENS
 
-    max_num_seqs: int = 64
-    max_batched_tokens: int = 512  # per-step token budget (decodes + prefill chunks)
-    block_size: int = 16
-    kv_cache_tokens: int | None = None
-    kv_cache_memory_fraction: float = 0.85
-    max_queue_requests: int = 256
-    max_queue_tokens: int = 1_000_000
-    max_model_len: int | None = None
-    kv_cache_dtype: KVCacheDtype = "auto"  # auto: the model's dtype (float32 on the CPU: exact)
-    enable_prefix_caching: bool = True
-    cuda_graphs: bool = True  # only used on CUDA
+    max_num_seqs: int = setting(64, "sequences decoded together in one step", ge=1, le=4096)
+    # per-step token budget (decodes + prefill chunks)
+    max_batched_tokens: int = setting(512, "token budget of one engine step", ge=1, le=1_048_576)
+    block_size: int = setting(16, "KV cache block size in tokens", ge=1, le=1024)
+    kv_cache_tokens: int | None = setting(
+        None,
+        "KV cache size in tokens (default: from memory fraction on CUDA, "
+        f"{CPU_KV_CACHE_TOKENS} on CPU)",
+        ge=1,
+        le=1 << 30,
+    )
+    kv_cache_memory_fraction: float = setting(
+        0.85, "share of free accelerator memory the KV cache may take", gt=0.0, le=1.0
+    )
+    max_queue_requests: int = setting(256, "waiting requests before 429", ge=1, le=1_000_000)
+    max_queue_tokens: int = setting(1_000_000, "waiting prompt tokens before 429", ge=1, le=1 << 34)
+    max_model_len: int | None = setting(
+        None,
+        "context length (default: the model's, clamped to the KV cache)",
+        ge=1,
+        le=1 << 24,
+    )
+    kv_cache_dtype: KVCacheDtype = setting(
+        "auto", "KV cache dtype (auto: the model's; float16/bfloat16 halve it, not exact)"
+    )
+    enable_prefix_caching: bool = setting(True, "share KV blocks of identical prompt prefixes")
+    cuda_graphs: bool = setting(True, "capture the decode step in CUDA graphs (CUDA only)")
     decode_graph_batch_sizes: tuple[int, ...] = field(default=DEFAULT_GRAPH_BATCH_SIZES)
 
     def __post_init__(self) -> None:
-        for name in (
-            "max_num_seqs",
-            "max_batched_tokens",
-            "block_size",
-            "max_queue_requests",
-            "max_queue_tokens",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for f in settings_fields():
+            _check_bounds(f.name, f.type, getattr(self, f.name), f.metadata)
         # Every running sequence must be able to decode in every step.
         if self.max_batched_tokens < self.max_num_seqs:
             raise ValueError(
@@ -58,15 +77,10 @@ class EngineConfig:
             raise ValueError(
                 f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one block of {self.block_size}"
             )
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+        if self.kv_cache_dtype not in get_args(KVCacheDtype):
             raise ValueError(
-                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
-            )
-        if self.max_model_len is not None and self.max_model_len <= 0:
-            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+                f"kv_cache_dtype must be one of {', '.join(get_args(KVCacheDtype))}, "
+                f"got {self.kv_cache_dtype!r}"
             )
         sizes = tuple(sorted(set(self.decode_graph_batch_sizes)))
         if not sizes or sizes[0] <= 0:
@@ -74,3 +88,26 @@ class EngineConfig:
                 f"decode_graph_batch_sizes must be positive, got {self.decode_graph_batch_sizes}"
             )
         self.decode_graph_batch_sizes = sizes
+
+
+def settings_fields() -> list[Any]:
+    """The fields operators may set, in declaration order."""
+    return [f for f in fields(EngineConfig) if "description" in f.metadata]
+
+
+def _check_bounds(name: str, kind: Any, value: Any, bounds: Any) -> None:
+    if value is None or not any(b in bounds for b in ("ge", "gt", "le")):
+        return
+    integer = str(kind).startswith("int")
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    ok = (
+        math.isfinite(value)
+        and ("ge" not in bounds or value >= bounds["ge"])
+        and ("gt" not in bounds or value > bounds["gt"])
+        and ("le" not in bounds or value <= bounds["le"])
+    )
+    if not ok:
+        low = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds.get('gt', '-inf')}"
+        high = f"{bounds['le']}]" if "le" in bounds else "inf)"
+        raise ValueError(f"{name} must be in {low}, {high}, got {value!r}")

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.engine.request import check_token_ids
 from service.engine.types import BadRequest, ContextLengthExceeded, Pooling
 
 
@@ -64,8 +65,7 @@ def tokenize_inputs(
         ids = tokenizer.encode(x) if isinstance(x, str) else list(x)
         if not ids:
             raise BadRequest("an input must not be empty", param="input")
-        if min(ids) < 0 or max(ids) >= vocab_size:
-            raise BadRequest(f"token ids must be in [0, {vocab_size})", param="input")
+        check_token_ids(ids, vocab_size, "input")
         if len(ids) > max_len:
             raise ContextLengthExceeded(len(ids), 0, max_len)
         out.append(ids)

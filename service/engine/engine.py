@@ -4,9 +4,10 @@ Requests arrive from the asyncio side (``generate``, ``embed``, ``abort``),
 which only touches the scheduler's queue under a lock and wakes the thread.
 The thread owns everything else. Each step it applies aborts, runs pending
 embeddings, asks the scheduler for chunks, runs one forward pass, samples the
-chunks that end a sequence's known tokens, and hands the resulting events to
-each request's ``asyncio.Queue`` with one ``call_soon_threadsafe`` per event
-loop. When there is nothing to do it sleeps on a condition variable.
+chunks that end a sequence's known tokens, advances the scheduler past the
+computed chunks, and hands the resulting events to each request's
+``asyncio.Queue`` with one ``call_soon_threadsafe`` per event loop. When
+there is nothing to do it sleeps on a condition variable.
 
 Errors: a ``RequestError`` raised while validating fails that call; an error
 while sampling or detokenizing one request ends that request alone with
@@ -47,8 +48,7 @@ from service.engine.request import (
 )
 from service.engine.runner import ModelRunner, kv_cache_blocks
 from service.engine.sampler import Sampled, sample_rows
-from service.engine.scheduler import RUNNING, ScheduledChunk, Scheduler, Step
-from service.engine.scheduler import Sequence as Seq
+from service.engine.scheduler import ScheduledChunk, Scheduler, Seq, SeqStatus, Step
 from service.engine.types import (
     BadRequest,
     EmbedResult,
@@ -78,8 +78,9 @@ def _in_passing_thread(fn: Callable[[], T]) -> T:
     Every thread that runs torch CPU ops keeps an OpenMP pool of its own for
     as long as it lives. Once pool threads outnumber the cores, libgomp
     throttles spinning and the engine thread's pool sleeps and wakes on every
-    op: on 2 cores a decode step went from ~33 to ~54 ms because the loading
-    thread (an executor thread that never exits) still held its pool. Loading
+    op: decode steps slowed markedly while the loading thread (an executor
+    thread that never exits) still held its pool (docs/benchmarks.md, "Engine
+    overhead and the OpenMP finding"). Loading
     in a thread that is joined frees that pool; the engine thread is then the
     only one that computes.
     """
@@ -96,7 +97,8 @@ def _in_passing_thread(fn: Callable[[], T]) -> T:
     thread.join()
     if "error" in box:
         raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
+    value: T = box["value"]
+    return value
 
 
 class Engine:
@@ -135,10 +137,9 @@ class Engine:
         self._state = "new"  # new -> running -> draining -> stopped, or -> dead
         self._stop_now = False
         self._dead: BaseException | None = None
-        self.num_steps = 0  # engine steps run so far
 
     def _context_len(self, cache_tokens: int) -> int:
-        model_len = self.model_config.block_size
+        model_len = self.model_config.max_seq_len
         wanted = self.config.max_model_len or model_len
         if wanted > model_len:
             raise ValueError(f"max_model_len {wanted} exceeds the model's context of {model_len}")
@@ -174,10 +175,6 @@ class Engine:
         return _in_passing_thread(build)
 
     # -- properties for the HTTP layer ----------------------------------------------
-
-    @property
-    def is_ready(self) -> bool:
-        return self._state == "running" and self._ready.is_set() and self._dead is None
 
     @property
     def num_running(self) -> int:
@@ -298,10 +295,10 @@ class Engine:
                 done = item.finish_reason is not None
                 yield item
         finally:
-            if done:
-                seq.state.finalizer.detach()
-            else:
+            if not done:
                 self.abort(seq.request_id)
+            elif seq.state.finalizer is not None:  # set by generate() before any iteration
+                seq.state.finalizer.detach()
 
     def abort(self, request_id: str) -> None:
         """Thread-safe; the request ends with ``finish_reason="abort"`` within a step."""
@@ -362,7 +359,6 @@ class Engine:
             return not self._stop_now
 
     def _step(self) -> None:
-        self.num_steps += 1
         self._apply_aborts()
         self._run_embeds()
         with self._cond:
@@ -371,8 +367,10 @@ class Engine:
         if step.chunks:
             tables = [self.blocks.tables[c.seq.request_id].blocks for c in step.chunks]
             logits = self.runner.forward(step.chunks, tables)
-            sampling = [c for c in step.chunks if c.samples]
-            self._emit(step, sampling, self._sample(sampling, logits))
+            sampling = [c for c in step.chunks if c.produces_token]
+            sampled = self._sample(sampling, logits)
+            self._advance(step)
+            self._emit(sampling, sampled)
         self._flush_outbox()
         self._update_gauges()
 
@@ -404,15 +402,21 @@ class Engine:
                 rows.append(exc)
         return sample_rows(rows, logits, self.model_config.vocab_size)
 
-    # emit ----------------------------------------------------------------------------
+    # update ----------------------------------------------------------------------------
 
-    def _emit(self, step: Step, chunks: list[ScheduledChunk], sampled: list[Sampled]) -> None:
+    def _advance(self, step: Step) -> None:
+        """The step's chunks are in the KV cache: the scheduler moves its sequences on."""
         with self._cond:
             self.scheduler.update(step)
+
+    # emit ----------------------------------------------------------------------------
+
+    def _emit(self, chunks: list[ScheduledChunk], sampled: list[Sampled]) -> None:
+        """Each sampled token becomes its request's next event; finished requests end."""
         now = time.perf_counter()
         for chunk, result in zip(chunks, sampled, strict=True):
             seq = chunk.seq
-            if seq.status != RUNNING:
+            if seq.status != SeqStatus.RUNNING:
                 continue
             if isinstance(result, Exception):
                 self._fail(seq, result)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import math
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from model.sampling import SamplingRow
 from service.engine.output import TextAssembler
-from service.engine.scheduler import Sequence
+from service.engine.scheduler import Seq
 from service.engine.types import (
     BadRequest,
     ContextLengthExceeded,
@@ -19,6 +20,7 @@ from service.engine.types import (
     GenerateRequest,
     SamplingParams,
     TokenLogprob,
+    TokenOutOfVocabulary,
     Usage,
 )
 
@@ -44,13 +46,24 @@ class RequestState:
         self.stop_ids = frozenset(self.params.stop_token_ids)
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
+    """Raise ``TokenOutOfVocabulary`` for the first id outside ``[0, vocab_size)``."""
+    for token in ids:
+        if not 0 <= token < vocab_size:
+            raise TokenOutOfVocabulary(token, vocab_size, param)
+
+
 def validate_request(request: GenerateRequest, vocab_size: int, max_model_len: int) -> None:
-    """Raise a ``RequestError`` for anything that must never reach the scheduler."""
+    """Raise a ``RequestError`` for anything that must never reach the scheduler.
+
+    This is the one check of a request's token ids, context length and sampling
+    parameters: the scheduler, the sampler and the model trust them afterwards.
+    """
     ids, p = request.prompt_token_ids, request.params
     if not ids:
         raise BadRequest("the prompt must not be empty", param="prompt")
-    if min(ids) < 0 or max(ids) >= vocab_size:
-        raise BadRequest(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
+    check_token_ids(ids, vocab_size, "prompt")
+    check_token_ids(p.stop_token_ids, vocab_size, "stop_token_ids")
     if p.max_tokens < 1:
         raise BadRequest(f"max_tokens must be at least 1, got {p.max_tokens}", param="max_tokens")
     if len(ids) + p.max_tokens > max_model_len:
@@ -72,18 +85,13 @@ def validate_request(request: GenerateRequest, vocab_size: int, max_model_len: i
             "logprobs",
             f"must be in [0, {vocab_size}]",
         ),
-        (
-            all(0 <= t < vocab_size for t in p.stop_token_ids),
-            "stop_token_ids",
-            f"must be in [0, {vocab_size})",
-        ),
     ]
     for ok, name, rule in checks:
         if not ok:
             raise BadRequest(f"{name} {rule}", param=name)
 
 
-def sampling_row(seq: Sequence) -> SamplingRow:
+def sampling_row(seq: Seq) -> SamplingRow:
     st: RequestState = seq.state
     p = st.params
     row = SamplingRow(
@@ -107,7 +115,7 @@ def sampling_row(seq: Sequence) -> SamplingRow:
 
 
 def next_event(
-    seq: Sequence, token: int, logprob: TokenLogprob | None, max_model_len: int
+    seq: Seq, token: int, logprob: TokenLogprob | None, max_model_len: int
 ) -> GenerateEvent:
     """Append ``token`` to ``seq`` and say what it means for the client."""
     st: RequestState = seq.state
@@ -142,7 +150,7 @@ def next_event(
     return event
 
 
-def usage(seq: Sequence) -> Usage:
+def usage(seq: Seq) -> Usage:
     return Usage(
         prompt_tokens=seq.num_prompt_tokens,
         completion_tokens=seq.num_output_tokens,

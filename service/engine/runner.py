@@ -27,7 +27,8 @@ def kv_cache_dtype(model: GPT, config: EngineConfig) -> torch.dtype:
     """The cache's dtype: the model's unless the config names one."""
     if config.kv_cache_dtype == "auto":
         return model.dtype
-    return getattr(torch, config.kv_cache_dtype)  # type: ignore[no-any-return]
+    dtype: torch.dtype = getattr(torch, config.kv_cache_dtype)
+    return dtype
 
 
 def kv_cache_blocks(model: GPT, config: EngineConfig) -> int:
@@ -83,12 +84,12 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: Sequence[ScheduledChunk], tables: Sequence[list[int]]) -> Tensor:
         """Logits (N, vocab) of the chunks that sample, in chunk order."""
-        if self.graphs is not None and all(c.length == 1 and c.samples for c in chunks):
+        if self.graphs is not None and all(c.length == 1 and c.produces_token for c in chunks):
             logits = self.graphs.run(chunks, tables)
             if logits is not None:
                 return logits
         tokens = [c.seq.token_ids[c.start : c.start + c.length] for c in chunks]
-        rows = [[c.length - 1] if c.samples else [] for c in chunks]
+        rows = [[c.length - 1] if c.produces_token else [] for c in chunks]
         batch = ForwardBatch.build(
             tokens,
             start_pos=[c.start for c in chunks],

@@ -25,19 +25,27 @@ Contract
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from service.engine.block_manager import BlockManager, NoFreeBlocks
 from service.engine.config import EngineConfig
 from service.engine.types import QueueFull
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+if TYPE_CHECKING:
+    from service.engine.request import RequestState
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
 
 
 @dataclass(eq=False)
-class Sequence:
+class Seq:
     """Scheduling state of one request: its tokens and how many are in the cache.
 
     ``token_ids`` is the prompt followed by the generated tokens; the engine keeps
@@ -50,9 +58,9 @@ class Sequence:
     max_tokens: int
     num_computed: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
-    status: str = WAITING
+    status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
-    state: Any = None
+    state: RequestState = field(kw_only=True)  # the engine's per-request state
 
     @property
     def num_output_tokens(self) -> int:
@@ -69,12 +77,12 @@ class Sequence:
 
 @dataclass
 class ScheduledChunk:
-    seq: Sequence
+    seq: Seq
     start: int  # first position computed in this step
     length: int
 
     @property
-    def samples(self) -> bool:
+    def produces_token(self) -> bool:
         """The chunk reaches the end of the known tokens: its logits give a new token."""
         return self.start + self.length == len(self.seq.token_ids)
 
@@ -82,8 +90,8 @@ class ScheduledChunk:
 @dataclass
 class Step:
     chunks: list[ScheduledChunk] = field(default_factory=list)
-    preempted: list[Sequence] = field(default_factory=list)
-    admitted: list[Sequence] = field(default_factory=list)
+    preempted: list[Seq] = field(default_factory=list)
+    admitted: list[Seq] = field(default_factory=list)
     prefix_queries: int = 0  # tokens looked up in the prefix cache
     prefix_hits: int = 0  # of which found
 
@@ -96,13 +104,13 @@ class Scheduler:
     def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:
         self.config = config
         self.blocks = blocks
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Seq] = deque()
+        self.running: list[Seq] = []
         self.waiting_tokens = 0
 
     # -- queue ----------------------------------------------------------------------
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Seq) -> None:
         cfg = self.config
         if len(self.waiting) >= cfg.max_queue_requests:
             raise QueueFull(
@@ -114,7 +122,7 @@ class Scheduler:
                 f"would pass its limit of {cfg.max_queue_tokens}",
                 retry_after=1.0,
             )
-        seq.status = WAITING
+        seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
         self.waiting_tokens += len(seq.token_ids)
 
@@ -128,7 +136,7 @@ class Scheduler:
         budget = self.config.max_batched_tokens
         decodes = [s for s in self.running if s.num_uncomputed == 1]
         prefills = [s for s in self.running if s.num_uncomputed > 1]
-        wanted: dict[Sequence, int] = {s: 1 for s in decodes}
+        wanted: dict[Seq, int] = {s: 1 for s in decodes}
         budget -= len(decodes)
         for seq in prefills:
             n = min(seq.num_uncomputed, budget)
@@ -136,18 +144,18 @@ class Scheduler:
                 wanted[seq] = n
                 budget -= n
         for seq in list(self.running):  # admission order: victims come from the tail
-            if seq.status != RUNNING or seq not in wanted:
+            if seq.status != SeqStatus.RUNNING or seq not in wanted:
                 continue
             if self._reserve(seq, wanted[seq], step):
                 step.chunks.append(ScheduledChunk(seq, seq.num_computed, wanted[seq]))
         # Decodes first in the batch, as promised (they were reserved in admission order).
-        step.chunks.sort(key=lambda c: not (c.length == 1 and c.samples))
+        step.chunks.sort(key=lambda c: not (c.length == 1 and c.produces_token))
         # Without preemption every wanted chunk was scheduled: ``budget`` is what is left.
         if not step.preempted:
             self._admit(step, budget)
         return step
 
-    def _reserve(self, seq: Sequence, n: int, step: Step) -> bool:
+    def _reserve(self, seq: Seq, n: int, step: Step) -> bool:
         """Blocks for ``n`` more tokens of ``seq``, preempting from the tail if needed.
         False when ``seq`` itself had to be preempted."""
         while True:
@@ -160,12 +168,12 @@ class Scheduler:
                 if victim is seq:
                     return False
 
-    def _preempt(self, seq: Sequence, step: Step) -> None:
+    def _preempt(self, seq: Seq, step: Step) -> None:
         self.running.remove(seq)
         self.blocks.free(seq.request_id)
         seq.num_computed = 0
         seq.num_preemptions += 1
-        seq.status = WAITING
+        seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
         self.waiting_tokens += len(seq.token_ids)
         step.preempted.append(seq)
@@ -187,7 +195,7 @@ class Scheduler:
             if seq.num_preemptions == 0:  # first admission (only preemption sends one back)
                 seq.num_cached_tokens = cached
             seq.num_computed = cached
-            seq.status = RUNNING
+            seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             step.admitted.append(seq)
             step.chunks.append(ScheduledChunk(seq, cached, n))
@@ -199,16 +207,16 @@ class Scheduler:
         """The step's chunks are in the cache: advance and publish full blocks."""
         for chunk in step.chunks:
             seq = chunk.seq
-            if seq.status != RUNNING:
+            if seq.status != SeqStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed = chunk.start + chunk.length
             self.blocks.commit(seq.request_id, seq.token_ids, seq.num_computed)
 
-    def finish(self, seq: Sequence) -> None:
-        if seq.status == RUNNING:
+    def finish(self, seq: Seq) -> None:
+        if seq.status == SeqStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status == WAITING:
+        elif seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
             self.waiting_tokens -= len(seq.token_ids)
-        seq.status = FINISHED
+        seq.status = SeqStatus.FINISHED
         self.blocks.free(seq.request_id)

@@ -7,7 +7,7 @@ them; the engine never sees pydantic, FastAPI or Starlette objects.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -114,11 +114,24 @@ class ContextLengthExceeded(BadRequest):
         super().__init__(
             f"this model's context is {context} tokens, but the prompt has {prompt_tokens} tokens "
             f"and max_tokens is {max_tokens} ({prompt_tokens + max_tokens} in all)",
-            param="prompt",
+            # A prompt that leaves room for a token is fine: then max_tokens asks too much.
+            param="prompt" if prompt_tokens >= context else "max_tokens",
         )
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         self.context = context
+
+
+class TokenOutOfVocabulary(BadRequest):
+    """A token id outside the model's vocabulary; the message names the id and the size."""
+
+    code = "token_out_of_vocabulary"
+
+    def __init__(self, token: int, vocab_size: int, param: str) -> None:
+        super().__init__(
+            f"token id {token} is out of vocabulary (the vocabulary has {vocab_size} tokens)",
+            param=param,
+        )
 
 
 class QueueFull(RequestError):
@@ -129,10 +142,6 @@ class QueueFull(RequestError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
-
-
-class RequestAborted(RequestError):
-    code = "aborted"
 
 
 class RequestFailed(RequestError):
@@ -182,7 +191,9 @@ class EngineClient(Protocol):
         """Tokenize off the event loop."""
         ...
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]: ...
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
+        """The request's events; closing the stream aborts the request."""
+        ...
 
     async def embed(
         self,

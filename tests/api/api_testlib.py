@@ -9,12 +9,12 @@ from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
 
-from fake_engine import FakeEngine
 from fastapi import FastAPI
 from starlette.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import Settings
+from tests.api.fake_engine import FakeEngine
 
 
 def wait_ready(client: TestClient, timeout: float = 10.0) -> None:

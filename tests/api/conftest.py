@@ -8,11 +8,12 @@ from typing import Any
 import pytest
 
 # The helpers' asserts must survive ``python -O`` too (test_auth runs itself that way).
-pytest.register_assert_rewrite("api_testlib")
+pytest.register_assert_rewrite("tests.api.api_testlib")
 
-from api_testlib import serve  # noqa: E402
-from fake_engine import FakeEngine  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
+
+from tests.api.api_testlib import serve  # noqa: E402
+from tests.api.fake_engine import FakeEngine  # noqa: E402
 
 
 @pytest.fixture

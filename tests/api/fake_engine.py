@@ -4,7 +4,9 @@ The tokenizer maps each UTF-8 byte to its value; ``EOS`` ends a sequence. The
 engine "generates" the prompt's tokens again, in a cycle, one event per token,
 with text deltas that never split a multi-byte character. It honours
 max_tokens, stop strings, stop token ids, logprobs and aborts, and records
-what it saw so that tests can check the HTTP layer's behaviour.
+what it saw so that tests can check the HTTP layer's behaviour. It refuses
+requests with the real engine's checks (token ids, context length, sampling
+parameters), which run before a request is recorded, as in the engine.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ from __future__ import annotations
 import asyncio
 import codecs
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
 from model.config import ModelConfig
+from service.engine.embedding import tokenize_inputs
+from service.engine.request import validate_request
 from service.engine.types import (
     EmbedResult,
     EngineDead,
@@ -103,14 +107,15 @@ class FakeEngine:
         if self.queue_full:
             raise QueueFull("the queue is full", retry_after=2.5)
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         self._check_accepting()
+        validate_request(request, VOCAB, self.max_model_len)
         self.requests.append(request)
         self.running.add(request.request_id)
         self.running_gauge.set(len(self.running))
         return self._stream(request)
 
-    async def _stream(self, request: GenerateRequest) -> AsyncIterator[GenerateEvent]:
+    async def _stream(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         params, prompt = request.params, request.prompt_token_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text, out = "", list[int]()
@@ -172,8 +177,8 @@ class FakeEngine:
         self, inputs: Sequence[str | Sequence[int]], pooling: Any = "mean", normalize: bool = True
     ) -> EmbedResult:
         self._check_accepting()
+        ids = tokenize_inputs(self._tokenizer, inputs, VOCAB, self.max_model_len)
         self.embed_calls.append((list(inputs), pooling, normalize))
-        ids = [self._tokenizer.encode(x) if isinstance(x, str) else list(x) for x in inputs]
         vectors = [[float((sum(t) + k) % 7) + 1.0 for k in range(EMBED_DIM)] for t in ids]
         if normalize:
             vectors = [[v / math.sqrt(sum(x * x for x in vec)) for v in vec] for vec in vectors]

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from api_testlib import asgi_call, assert_error, serve
-from fake_engine import FakeEngine
 from pydantic import SecretStr
 
 from service.api.app import create_app
 from service.api.auth import PUBLIC_PATHS, KeyChecker, bearer_token
 from service.settings import Settings
+from tests.api.api_testlib import asgi_call, assert_error, serve
+from tests.api.fake_engine import FakeEngine
 
 KEYS = "first-key-123,second-key-456"
 GOOD = ["first-key-123", "second-key-456"]

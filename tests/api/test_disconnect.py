@@ -7,11 +7,11 @@ import json
 import time
 
 import pytest
-from api_testlib import asgi_call
-from fake_engine import FakeEngine
 
 from service.api.app import create_app
 from service.settings import Settings
+from tests.api.api_testlib import asgi_call
+from tests.api.fake_engine import FakeEngine
 
 HEADERS = [(b"host", b"testserver"), (b"content-type", b"application/json")]
 

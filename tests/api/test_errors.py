@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from api_testlib import assert_error
+
+from tests.api.api_testlib import assert_error
 
 MODEL = "smollm2-135m-instruct"
 GEN = "/generate"

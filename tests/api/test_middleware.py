@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from api_testlib import assert_error, serve
-from fake_engine import FakeEngine
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.api_testlib import assert_error, serve
+from tests.api.fake_engine import FakeEngine
 
 
 def _chunks(total: int, size: int = 4096):

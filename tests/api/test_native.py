@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 import threading
 
-from api_testlib import assert_error, serve, sse_events
-from fake_engine import EMBED_DIM, FakeEngine
-
 from service.engine.types import SamplingParams
+from tests.api.api_testlib import assert_error, serve, sse_events
+from tests.api.fake_engine import EMBED_DIM, FakeEngine
 
 
 def test_generate_returns_text_finish_reason_and_usage(client, engine):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import openai
 import pytest
-from api_testlib import assert_error, sse_events
+
+from tests.api.api_testlib import assert_error, sse_events
 
 MODEL = "smollm2-135m-instruct"
 

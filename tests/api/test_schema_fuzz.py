@@ -8,7 +8,6 @@ content type, body).
 from __future__ import annotations
 
 import schemathesis
-from fake_engine import FakeEngine
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -20,6 +19,7 @@ from schemathesis.specs.openapi.checks import (
 from service.api.app import create_app
 from service.api.serving import Limits
 from service.settings import Settings
+from tests.api.fake_engine import FakeEngine
 
 
 def _ready_app():

@@ -109,3 +109,57 @@ def test_uvicorn_config_is_one_h11_process_without_access_log():
     config = server.uvicorn_config(object(), settings)
     assert config.http == "h11" and config.h11_max_incomplete_event_size == 8192
     assert config.access_log is False and config.workers == 1 and config.port == 8123
+
+
+# -- one source: EngineConfig -> Settings -> README ------------------------------------------
+
+
+def test_engine_settings_come_from_engine_config():
+    import typing
+
+    from service.engine.config import EngineConfig, settings_fields
+
+    engine = {f.name: f for f in settings_fields()}
+    types = typing.get_type_hints(EngineConfig)
+    section = [name for name in Settings.model_fields if name in engine]
+    assert section == list(engine)  # every setting, in EngineConfig's order
+    for name, spec in engine.items():
+        field = Settings.model_fields[name]
+        assert field.annotation == types[name], name
+        assert field.default == spec.default, name
+        assert field.description == spec.metadata["description"], name
+    assert Settings().engine_kwargs() == {n: getattr(EngineConfig(), n) for n in engine}
+    # The engine's bounds, checked once in EngineConfig, stop Settings too.
+    with pytest.raises(ValidationError, match="max_num_seqs"):
+        Settings(max_num_seqs=5000)
+
+
+def _readme_table() -> list[str]:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    return [line for line in text.splitlines() if line.startswith("| `GPTSERVE_")]
+
+
+def _settings_table() -> list[str]:
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if default is None or name == "api_key":
+            shown = "`unset`"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default}`"
+        if field.default_factory is list:
+            shown = "empty"
+        flag = "--" + name.replace("_", "-")
+        rows.append(f"| `GPTSERVE_{name.upper()}` | `{flag}` | {shown} | {field.description} |")
+    return rows
+
+
+def test_readme_settings_table_matches_settings():
+    expected = _settings_table()
+    assert _readme_table() == expected, "README settings table, from Settings:\n" + "\n".join(
+        expected
+    )

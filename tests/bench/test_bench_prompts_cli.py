@@ -1,4 +1,4 @@
-"""Exact-length prompts from the corpus, and `gptserve bench` end to end against the stub."""
+"""Exact-length prompts from the corpus, and `gptserve-bench` end to end against the stub."""
 
 import json
 from collections.abc import Sequence

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_support import (
+
+from tests.deploy.deploy_support import (
     DEPLOY,
     PROMETHEUS_CONFIG,
     REPO,

@@ -6,7 +6,9 @@ import json
 
 import httpx
 import pytest
-from deploy_support import (
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.deploy.deploy_support import (
     ALERTS,
     DASHBOARD,
     K8S,
@@ -17,7 +19,6 @@ from deploy_support import (
     metric_names,
     substitute_grafana_variables,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 # Series Prometheus makes itself rather than scraping them.
 SYNTHETIC = {"up", "scrape_duration_seconds", "scrape_samples_scraped"}

@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-from deploy_support import REPO, require_tool, run_tool
+
+from tests.deploy.deploy_support import REPO, require_tool, run_tool
 
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"

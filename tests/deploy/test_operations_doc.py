@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from deploy_support import REPO
 
 from model.registry import DEFAULT_MODEL, ModelNotFoundError, resolve_model
+from tests.deploy.deploy_support import REPO
 
 DOC = REPO / "docs" / "operations.md"
 GIB = 1 << 30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deploy_support import ALERTS, DEPLOY, PROMETHEUS_CONFIG, require_tool, run_tool
+from tests.deploy.deploy_support import ALERTS, DEPLOY, PROMETHEUS_CONFIG, require_tool, run_tool
 
 
 def promtool(*args: str) -> None:

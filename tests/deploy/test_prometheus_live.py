@@ -12,8 +12,9 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from deploy_support import complete, require_tool
-from live_server import free_port
+
+from tests.deploy.deploy_support import complete, require_tool
+from tests.integration.live_server import free_port
 
 pytestmark = pytest.mark.slow
 

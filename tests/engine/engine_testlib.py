@@ -67,7 +67,7 @@ def tiny_config(**overrides: Any) -> ModelConfig:
         n_kv_head=2,
         n_embd=64,
         intermediate_size=128,
-        block_size=512,
+        max_seq_len=512,
         tie_embeddings=False,  # tied and scaled up, the model would echo its input
     )
     kw.update(overrides)

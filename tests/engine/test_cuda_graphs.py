@@ -6,13 +6,21 @@ import asyncio
 
 import pytest
 import torch
-from engine_testlib import ByteTokenizer, collect, greedy, prompt_of, run, tiny_model, tokens_of
 
 from model.registry import DEFAULT_MODEL
 from service.engine.config import EngineConfig
 from service.engine.cuda_graphs import DecodeGraphs, width_buckets
 from service.engine.engine import Engine
 from service.engine.types import SamplingParams
+from tests.engine.engine_testlib import (
+    ByteTokenizer,
+    collect,
+    greedy,
+    prompt_of,
+    run,
+    tiny_model,
+    tokens_of,
+)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -53,12 +61,25 @@ def cases() -> list[tuple[list[int], SamplingParams]]:
     return out
 
 
+class EagerDecodeGraphs(DecodeGraphs):
+    """The graphs' padded static batches, run eagerly: the same arithmetic, no capture."""
+
+    def capture(self) -> None:
+        self._pad_inputs()
+
+    def _replay(self, b: int, w: int) -> torch.Tensor:
+        return self.model(self._batch(b, w), self.kv_cache)
+
+
 def run_all(make, replay: bool | None) -> list[list[int]]:
     """replay None: no graphs at all; True: graph replay; False: the graphs' padded
     static batches run eagerly (same arithmetic as the graph, no capture)."""
     engine = make(replay is not None)
     if replay is False:
-        engine.runner.graphs.replay = False
+        g = engine.runner.graphs
+        engine.runner.graphs = EagerDecodeGraphs(
+            g.model, g.kv_cache, g.sizes, g.widths[-1], g.scratch
+        )
     engine.start()
 
     async def main():

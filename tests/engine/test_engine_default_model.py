@@ -9,13 +9,13 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-from engine_testlib import collect, greedy, text_of, tokens_of
 
 from model.generate import generate as bare_generate
 from model.registry import DEFAULT_MODEL
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.output import TextAssembler
+from tests.engine.engine_testlib import collect, greedy, text_of, tokens_of
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from engine_testlib import (
+
+from service.engine.types import SamplingParams
+from tests.engine.engine_testlib import (
     EOS,
     ByteTokenizer,
     collect,
@@ -20,8 +22,6 @@ from engine_testlib import (
     tiny_model,
     tokens_of,
 )
-
-from service.engine.types import SamplingParams
 
 # 18 requests: prompts from 1 to 150 tokens (several longer than the 64-token
 # step budget: chunked prefill), outputs from 1 to 24 tokens.

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from engine_testlib import ByteDetokenizer
-
 from service.engine.output import TextAssembler
+from tests.engine.engine_testlib import ByteDetokenizer
 
 
 def feed(stop: list[str], text: str) -> tuple[list[str], str | None, str]:

@@ -9,7 +9,7 @@ import pytest
 
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
-from service.engine.scheduler import RUNNING, Scheduler, Sequence, Step
+from service.engine.scheduler import Scheduler, Seq, SeqStatus, Step
 from service.engine.types import QueueFull
 
 
@@ -27,15 +27,16 @@ def sched(request: pytest.FixtureRequest) -> Iterator[Scheduler]:
     assert not s.blocks.tables
 
 
-def seq(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 0) -> Sequence:
-    return Sequence(rid, list(range(first, first + prompt_len)), prompt_len, max_tokens)
+def seq(rid: str, prompt_len: int, max_tokens: int = 4, first: int = 0) -> Seq:
+    # The scheduler never reads the engine's per-request state.
+    return Seq(rid, list(range(first, first + prompt_len)), prompt_len, max_tokens, state=None)
 
 
 def advance(s: Scheduler, step: Step, token: int = 7) -> None:
     """What the engine does after a forward pass: update, append sampled tokens, finish."""
     s.update(step)
     for chunk in step.chunks:
-        if chunk.samples and chunk.seq.status == RUNNING:
+        if chunk.produces_token and chunk.seq.status == SeqStatus.RUNNING:
             chunk.seq.token_ids.append(token)
             if chunk.seq.num_output_tokens >= chunk.seq.max_tokens:
                 s.finish(chunk.seq)
@@ -65,7 +66,7 @@ def test_decodes_come_before_prefill_chunks(sched: Scheduler) -> None:
     advance(sched, sched.schedule())  # both prefilled, both decoding now
     sched.add(seq("long", 100))
     step = sched.schedule()
-    kinds = ["decode" if c.length == 1 and c.samples else "prefill" for c in step.chunks]
+    kinds = ["decode" if c.length == 1 and c.produces_token else "prefill" for c in step.chunks]
     assert kinds == ["decode", "decode", "prefill"]
     assert step.chunks[2].length == 30  # what the two decodes left of the budget
     advance(sched, step)
@@ -77,7 +78,7 @@ def test_long_prompt_is_chunked_and_running_streams_keep_decoding(sched: Schedul
     long = seq("long", 100, max_tokens=1)
     sched.add(long)
     chunk_lens = []
-    while long.status != "finished":
+    while long.status != SeqStatus.FINISHED:
         step = sched.schedule()
         assert any(c.seq.request_id == "stream" for c in step.chunks) or sched.running == [long]
         chunk_lens += [c.length for c in step.chunks if c.seq is long]

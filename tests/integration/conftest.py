@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
-from live_server import LiveServer, start_server
+
+from tests.integration.live_server import LiveServer, start_server
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from live_server import MODEL
+
+from tests.integration.live_server import MODEL
 
 pytestmark = pytest.mark.slow
 

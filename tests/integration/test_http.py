@@ -7,8 +7,9 @@ import json
 import httpx
 import openai
 import pytest
-from live_server import MODEL
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.live_server import MODEL
 
 pytestmark = pytest.mark.slow
 

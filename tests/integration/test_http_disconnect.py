@@ -46,13 +46,16 @@ def test_stream_disconnect_frees_the_request(server):
     ) as response:
         assert response.status_code == 200, response.read()
         events = []
-        for line in response.iter_lines():
+        # Keep the line iterator referenced: breaking out of a loop over it would drop
+        # it, and closing it closes the stream, so the server would abort at once.
+        lines = response.iter_lines()
+        while len(events) < 3:
+            line = next(lines)
             if line.startswith("data: "):
                 events.append(line)
-            if len(events) == 3:
-                break
         assert "finish_reason" not in "".join(events), events
         wait_for(server, lambda r, kv: r >= 1 and kv > 0, 2.0)  # it is running while we listen
+        del lines
     wait_for(server, lambda r, kv: r == 0 and kv == 0, 2.0)
 
 

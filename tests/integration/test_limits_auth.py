@@ -8,7 +8,8 @@ import time
 
 import httpx
 import pytest
-from live_server import LiveServer
+
+from tests.integration.live_server import LiveServer
 
 pytestmark = pytest.mark.slow
 

@@ -91,6 +91,38 @@ def test_greedy_generation_matches_transformers(ours, theirs):
     assert len(got) > 4  # a real answer, not an immediate stop
 
 
+# Questions whose answers run past 64 tokens: each compared token by token.
+LONG_ANSWERS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain step by step how a bill becomes a law in the United States.",
+    "Describe the water cycle to a ten-year-old, with examples.",
+    "List ten tips for writing clean Python code and explain each one.",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("question", LONG_ANSWERS, ids=range(len(LONG_ANSWERS)))
+def test_greedy_64_tokens_match_transformers(ours, theirs, question):
+    """The default path (4-bit blocks kept, float32 activations) is token-identical to
+    transformers on the same file for 64 tokens."""
+    from model.tokenizer import Tokenizer
+
+    loaded, _ = ours
+    assert loaded.model.quantized_layers(), "the default path keeps the file's blocks"
+    tokenizer = Tokenizer.from_path(loaded.path)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    prompt = tokenizer.encode(text)
+    expected = theirs.generate(
+        torch.tensor([prompt]),
+        do_sample=False,
+        max_new_tokens=64,
+        attention_mask=torch.ones(1, len(prompt)),
+    )[0, len(prompt) :].tolist()
+    got = greedy(loaded, prompt, 64)
+    assert len(got) == 64
+    assert got == expected
+
+
 # -- registry -------------------------------------------------------------------------
 
 

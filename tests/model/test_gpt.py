@@ -113,7 +113,7 @@ def test_return_hidden_shapes_and_head(pair):
 
 def test_position_past_context_is_refused(pair):
     model, _ = pair
-    batch = ForwardBatch.build([[1] * (model.config.block_size + 1)])
+    batch = ForwardBatch.build([[1] * (model.config.max_seq_len + 1)])
     with pytest.raises(ValueError, match="context"):
         model(batch)
 
@@ -122,7 +122,7 @@ BASE = dict(arch="llama", vocab_size=50, n_layer=2, n_head=4, n_embd=32, interme
 
 
 def test_random_model_runs_through_the_cache():
-    config = ModelConfig(**BASE, n_kv_head=1, block_size=32)
+    config = ModelConfig(**BASE, n_kv_head=1, max_seq_len=32)
     model = GPT.random(config, seed=0)
     kv = KVCache(config, num_blocks=8, block_size=BLOCK)
     full = run(model, None, [[1, 2, 3, 4, 5]], [0], None)
@@ -145,7 +145,7 @@ def test_random_model_runs_through_the_cache():
         dict(activation="relu"),
         dict(norm_eps=0.0),
         dict(rope_theta=-1.0),
-        dict(block_size=0),
+        dict(max_seq_len=0),
     ],
     ids=lambda c: ",".join(c),
 )

@@ -183,7 +183,7 @@ def test_rope_store_equals_rope_then_cache_write(kernels, kv_dtype):
 
     got = qkv.clone()
     kernels.rope_store(
-        got, h, kv, hd, positions, (model.rope_cos, model.rope_sin), slots, cache.k[0], cache.v[0]
+        got, h, kv, hd, positions, (model.rope_cos, model.rope_sin), (slots, cache.k[0], cache.v[0])
     )  # type: ignore[arg-type]
     got_qk = got[:, : (h + kv) * hd].view(t, h + kv, hd)
     torch.testing.assert_close(got_qk, qk)  # the same rotation, up to rounding
@@ -229,7 +229,7 @@ def _config(h: int, kv: int, hd: int, n_layer: int = 1):
         n_embd=h * hd,
         head_dim=hd,
         intermediate_size=64,
-        block_size=64,
+        max_seq_len=64,
     )
 
 
@@ -262,8 +262,8 @@ def test_mixed_step_equals_parts_and_decodes_take_the_batched_path():
             block_size=4,
         )
         step = model.step_inputs(batch, mixed)
-        assert step.n_decode == 2 and step.decode_tables is not None
-        assert step.decode_tables.shape == (2, 3)  # trimmed to the decodes' own blocks
+        assert step.n_decode == 2 and step.decode is not None
+        assert step.decode.tables.shape == (2, 3)  # trimmed to the decodes' own blocks
         together = model(batch, mixed)
         alone = [
             model(ForwardBatch.build([d], start_pos=[s], block_tables=[t], block_size=4), apart)

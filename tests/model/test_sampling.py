@@ -306,39 +306,6 @@ def test_zero_top_logprobs_is_an_empty_column() -> None:
 # -- validation ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "row",
-    [
-        SamplingRow(temperature=-0.1),
-        SamplingRow(temperature=math.nan),
-        SamplingRow(temperature=math.inf),
-        SamplingRow(top_k=-1),
-        SamplingRow(top_p=0.0),
-        SamplingRow(top_p=1.01),
-        SamplingRow(min_p=-0.1),
-        SamplingRow(min_p=1.5),
-        SamplingRow(repetition_penalty=0.0),
-        SamplingRow(repetition_penalty=-1.0),
-        SamplingRow(repetition_penalty=math.inf),
-        SamplingRow(presence_penalty=math.nan),
-        SamplingRow(frequency_penalty=math.inf),
-        SamplingRow(step=-1),
-        SamplingRow(num_logprobs=-1),
-        SamplingRow(num_logprobs=11),
-        SamplingRow(presence_penalty=0.5, output_ids=[10]),
-        SamplingRow(repetition_penalty=1.1, prompt_ids=[-1]),
-    ],
-)
-def test_build_rejects_invalid(row: SamplingRow) -> None:
-    with pytest.raises(ValueError):
-        build([SamplingRow(), row], 10)
-
-
-def test_build_rejects_empty_vocab() -> None:
-    with pytest.raises(ValueError):
-        build([SamplingRow()], 0)
-
-
 # -- device ---------------------------------------------------------------------------------
 
 

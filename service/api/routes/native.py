@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 
 from service.api.errors import ERROR_RESPONSES
-from service.api.middleware import scope_state
-from service.api.render import choice_usage, native_logprobs
-from service.api.runtime import Served, ServedDep
+from service.api.render import choice_usage
+from service.api.render_native import generate_event, generate_out
+from service.api.routes.common import embedding_dim, log_prompt, record_tokens, run_embed
+from service.api.runtime import ServedDep
 from service.api.schemas.native import (
     DetokenizeBody,
     DetokenizeOut,
@@ -24,36 +24,16 @@ from service.api.schemas.native import (
     TokenizeOut,
 )
 from service.api.serving import (
-    Choice,
     Generation,
-    check_cap,
-    check_token_ids,
     prompt_ids,
     resolve_max_tokens,
     until_disconnect,
 )
-from service.api.sse import SSEResponse
-from service.engine.types import EmbedResult, GenerateEvent, GenerateRequest, Pooling, Usage
+from service.api.sse import SSE_RESPONSE, SSEResponse
+from service.engine.request import check_token_ids
+from service.engine.types import GenerateRequest, TokenizerLike
 
-logger = logging.getLogger(__name__)
 router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
-
-# Each Server-Sent Event: ``data`` is a JSON payload, or "[DONE]" after the last one.
-SSE_EVENT_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "data": {"type": "string"},
-        "event": {"type": "string"},
-        "id": {"type": "string"},
-    },
-    "required": ["data"],
-}
-SSE_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {
-        "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
-        "description": "JSON, or Server-Sent Events with `stream: true`",
-    }
-}
 
 
 @router.post(
@@ -73,12 +53,14 @@ async def generate(body: GenerateBody, request: Request, ctx: ServedDep) -> Any:
     engine_request = GenerateRequest(ids, body.to_sampling_params(max_tokens))
     generation = await until_disconnect(request, Generation.start(ctx.engine, [engine_request]))
     response_id = f"gen-{engine_request.request_id}"
+    tokenizer, logprobs = ctx.engine.tokenizer, body.logprobs is not None
     if body.stream:
-        return SSEResponse(
-            _native_events(request, ctx, body, generation, response_id), on_close=generation.close
-        )
+        events = _events(request, generation, response_id, body, tokenizer)
+        return SSEResponse(events, on_close=generation.close)
     [choice] = await until_disconnect(request, generation.collect([len(ids)]))
-    return _native_result(request, ctx, body, choice, response_id)
+    usage = choice_usage(choice)
+    record_tokens(request, usage.prompt_tokens, usage.completion_tokens)
+    return generate_out(choice, response_id, tokenizer, body.return_token_ids, logprobs)
 
 
 @router.post("/embed", response_model=EmbedOut)
@@ -100,95 +82,20 @@ async def tokenize(body: TokenizeBody, ctx: ServedDep) -> TokenizeOut:
 @router.post("/detokenize", response_model=DetokenizeOut)
 async def detokenize(body: DetokenizeBody, ctx: ServedDep) -> DetokenizeOut:
     """The text of token ids (each must be in the vocabulary)."""
-    check_token_ids(body.tokens, ctx.limits, "tokens")
+    check_token_ids(body.tokens, ctx.limits.vocab_size, "tokens")
     text = ctx.engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)
     return DetokenizeOut(text=text)
 
 
-# -- helpers shared with the OpenAI routes --------------------------------------------------
-
-
-def log_prompt(request: Request, ctx: Served, prompt: Any) -> None:
-    """Prompt text reaches the log only when the operator asked for it."""
-    if ctx.settings.log_prompts:
-        logger.info(
-            "request %s prompt: %.4000r", scope_state(request.scope).get("request_id"), prompt
-        )
-
-
-async def run_embed(
+async def _events(
     request: Request,
-    ctx: Served,
-    inputs: Sequence[str] | Sequence[list[int]],
-    pooling: Pooling,
-    normalize: bool,
-) -> EmbedResult:
-    """Embeddings of checked inputs; a client that leaves cancels them."""
-    check_cap(len(inputs), ctx.limits.max_embed_batch, "input")
-    ids = [await prompt_ids(ctx.engine, ctx.limits, item, "input") for item in inputs]
-    return await until_disconnect(
-        request, ctx.engine.embed(ids, pooling=pooling, normalize=normalize)
-    )
-
-
-def embedding_dim(result: EmbedResult) -> int:
-    return len(result.embeddings[0]) if result.embeddings else 0
-
-
-def record_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -> None:
-    """Token counts for the access-log line."""
-    state = scope_state(request.scope)
-    state["prompt_tokens"] = prompt_tokens
-    state["completion_tokens"] = completion_tokens
-
-
-# -- rendering -------------------------------------------------------------------------------
-
-
-def _native_result(
-    request: Request, ctx: Served, body: GenerateBody, choice: Choice, response_id: str
-) -> GenerateOut:
-    usage = choice_usage(choice)
-    record_tokens(request, usage.prompt_tokens, usage.completion_tokens)
-    result: dict[str, Any] = {
-        "id": response_id,
-        "text": "".join(choice.text),
-        "finish_reason": choice.finish_reason or "abort",
-        "usage": _usage(usage),
-    }
-    if body.return_token_ids:
-        result["token_ids"] = choice.token_ids
-    if body.logprobs is not None:
-        result["logprobs"] = native_logprobs(ctx.engine.tokenizer, choice.logprobs)
-    return GenerateOut.model_validate(result)
-
-
-async def _native_events(
-    request: Request, ctx: Served, body: GenerateBody, generation: Generation, response_id: str
+    generation: Generation,
+    response_id: str,
+    body: GenerateBody,
+    tokenizer: TokenizerLike,
 ) -> AsyncIterator[dict[str, Any]]:
+    logprobs = body.logprobs is not None
     async for _, event in generation.events():
-        yield _native_event(request, ctx, body, event, response_id)
-
-
-def _native_event(
-    request: Request, ctx: Served, body: GenerateBody, event: GenerateEvent, response_id: str
-) -> dict[str, Any]:
-    payload: dict[str, Any] = {"id": response_id, "text": event.text}
-    if body.return_token_ids:
-        payload["token_ids"] = event.token_ids
-    if body.logprobs is not None:
-        payload["logprobs"] = native_logprobs(ctx.engine.tokenizer, event.logprobs or [])
-    if event.finish_reason is not None:
-        payload["finish_reason"] = event.finish_reason
-        if event.usage is not None:
+        if event.finish_reason is not None and event.usage is not None:
             record_tokens(request, event.usage.prompt_tokens, event.usage.completion_tokens)
-            payload["usage"] = _usage(event.usage)
-    return payload
-
-
-def _usage(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
+        yield generate_event(event, response_id, tokenizer, body.return_token_ids, logprobs)

@@ -18,13 +18,7 @@ from service.api.render_openai import (
     completion_chunks,
     embedding_data,
 )
-from service.api.routes.native import (
-    SSE_RESPONSE,
-    embedding_dim,
-    log_prompt,
-    record_tokens,
-    run_embed,
-)
+from service.api.routes.common import embedding_dim, log_prompt, record_tokens, run_embed
 from service.api.runtime import Served, ServedDep
 from service.api.schemas.openai import (
     ChatCompletionBody,
@@ -37,7 +31,7 @@ from service.api.schemas.openai import (
     ModelList,
 )
 from service.api.serving import Generation, prompt_ids, resolve_max_tokens, until_disconnect
-from service.api.sse import SSEResponse
+from service.api.sse import SSE_RESPONSE, SSEResponse
 from service.engine.types import GenerateRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)

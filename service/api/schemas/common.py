@@ -72,9 +72,20 @@ class SamplingFields(StrictModel):
     seed: Seed = None
     ignore_eos: bool = False
 
-    def _sampling_params(
-        self, max_tokens: int, stop: list[str], seed: int | None, logprobs: int | None
-    ) -> SamplingParams:
+    @property
+    def stop_list(self) -> list[str]:
+        """The stop strings, however the dialect spells them."""
+        return []
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        """Top-n logprobs per token for the engine; None: no logprobs."""
+        return None
+
+    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
+        """The engine's parameters for choice ``choice`` of this request."""
+        # Distinct seeds per choice, or n seeded choices would all be the same text.
+        seed = None if self.seed is None else (self.seed + choice) % 2**63
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=self.temperature,
@@ -84,9 +95,9 @@ class SamplingFields(StrictModel):
             repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
-            stop=stop,
+            stop=self.stop_list,
             stop_token_ids=list(self.stop_token_ids),
             seed=seed,
-            logprobs=logprobs,
+            logprobs=self.engine_logprobs,
             ignore_eos=self.ignore_eos,
         )

@@ -18,8 +18,7 @@ from service.api.schemas.common import (
     TopLogprobs,
     UsageOut,
 )
-from service.api.serving import Limits, check_cap, check_stop, check_token_ids
-from service.engine.types import SamplingParams
+from service.api.serving import Limits, check_cap, check_stop
 from service.settings import HARD_MAX_BATCH
 
 
@@ -39,11 +38,15 @@ class GenerateBody(SamplingFields):
 
     def check(self, limits: Limits) -> None:
         check_stop(self.stop, limits)
-        check_token_ids(self.stop_token_ids, limits, "stop_token_ids")
         check_cap(self.logprobs, limits.max_logprobs, "logprobs")
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        return self._sampling_params(max_tokens, list(self.stop), self.seed, self.logprobs)
+    @property
+    def stop_list(self) -> list[str]:
+        return list(self.stop)
+
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TopTokenOut(ResponseModel):

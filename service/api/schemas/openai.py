@@ -30,8 +30,7 @@ from service.api.schemas.common import (
     TokenIds,
     TopLogprobs,
 )
-from service.api.serving import Limits, check_cap, check_stop, check_token_ids
-from service.engine.types import SamplingParams
+from service.api.serving import Limits, check_cap, check_stop
 from service.settings import HARD_MAX_BATCH
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -69,16 +68,10 @@ class _SamplingFields(SamplingFields):
 
     def check_common(self, limits: Limits, top_logprobs: int | None) -> None:
         check_stop(self.stop_list, limits)
-        check_token_ids(self.stop_token_ids, limits, "stop_token_ids")
         check_cap(self.n, limits.max_n, "n")
         check_cap(top_logprobs, limits.max_logprobs, "logprobs")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
-
-    def sampling_params(self, max_tokens: int, logprobs: int | None, choice: int) -> SamplingParams:
-        # Distinct seeds per choice, or n seeded choices would all be the same text.
-        seed = None if self.seed is None else (self.seed + choice) % 2**63
-        return self._sampling_params(max_tokens, self.stop_list, seed, logprobs)
 
 
 class CompletionBody(_SamplingFields):
@@ -106,8 +99,9 @@ class CompletionBody(_SamplingFields):
         if len(self.prompts()) > limits.max_prompts:
             raise bad_request(f"at most {limits.max_prompts} prompts per request", "prompt")
 
-    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
-        return self.sampling_params(max_tokens, self.logprobs, choice)
+    @property
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class TextPart(StrictModel):
@@ -156,9 +150,6 @@ class ChatCompletionBody(_SamplingFields):
         self.check_common(limits, self.top_logprobs)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-
-    def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
-        return self.sampling_params(max_tokens, self.engine_logprobs, choice)
 
 
 EmbeddingTokens = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKEN_LIST)]

@@ -1,0 +1,155 @@
+"""Matmul kernels for quantized weights, side by side on this CPU.
+
+``python -m bench.kernels [--reps N] [--json PATH]`` times one linear layer of the
+default model's shapes with every candidate, interleaved (each round runs every
+candidate once, so machine noise hits them alike), and prints a markdown table
+of medians in microseconds:
+
+- ``f32 mm``: float32 weights through ``F.linear`` (MKL's sgemm/sgemv): exact
+  for dequantized weights, 4 bytes a weight;
+- ``int8pack bf16`` / ``int8pack f32``: PyTorch's ``_weight_int8pack_mm``
+  (per-channel int8) with bfloat16 and with float32 activations;
+- ``int4pack bf16`` / ``int4pack f32``: ``_weight_int4pack_mm_for_cpu`` (groups
+  of 32) likewise;
+- ``ours q4`` / ``ours q8``: ``model.kernels`` on GGUF-style blocks with float32
+  activations (exact dequantization; the default path).
+
+Candidates PyTorch cannot run here are reported as such, not skipped silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.environment import header
+from model.kernels import cpu_flags
+from model.kernels import load as load_kernels
+from model.quant import QuantLinear, quantize
+
+# (out, in) of the default model's layers: qkv, fc (gate+up), down, and the output layer.
+SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
+ROWS = (1, 16, 64)
+
+
+def _candidates(w: torch.Tensor, rows: int) -> dict[str, Callable[[], Any] | str]:
+    n, k = w.shape
+    x = torch.randn(rows, k)
+    xb = x.to(torch.bfloat16)
+    out: dict[str, Callable[[], Any] | str] = {"f32 mm": lambda: F.linear(x, w)}
+    q8 = QuantLinear(quantize(w, "q8"))
+    q4 = QuantLinear(quantize(w, "q4"))
+    try:
+        w8 = (w / (w.abs().amax(1, keepdim=True) / 127)).round().to(torch.int8)
+        s8 = w.abs().amax(1) / 127
+        torch._weight_int8pack_mm(xb, w8, s8.to(torch.bfloat16))
+        out["int8pack bf16"] = lambda: torch._weight_int8pack_mm(xb, w8, s8.to(torch.bfloat16))
+        out["int8pack f32"] = lambda: torch._weight_int8pack_mm(x, w8, s8)
+    except (RuntimeError, AttributeError) as e:
+        out["int8pack"] = f"unavailable: {str(e).splitlines()[0][:60]}"
+    try:
+        wi = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        packed = torch._convert_weight_to_int4pack_for_cpu(wi, 1)
+        sz = torch.rand(k // 32, n, 2)
+        torch._weight_int4pack_mm_for_cpu(xb, packed, 32, sz.to(torch.bfloat16))
+        out["int4pack bf16"] = lambda: torch._weight_int4pack_mm_for_cpu(
+            xb, packed, 32, sz.to(torch.bfloat16)
+        )
+        out["int4pack f32"] = lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
+    except (RuntimeError, AttributeError) as e:
+        out["int4pack"] = f"unavailable: {str(e).splitlines()[0][:60]}"
+    if load_kernels() is not None:
+        out["ours q4"] = lambda: q4(x)
+        out["ours q8"] = lambda: q8(x)
+    else:
+        out["ours"] = "unavailable: no kernels (see the log)"
+    return out
+
+
+def measure(reps: int) -> list[dict[str, Any]]:
+    rows_out = []
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for n, k in SHAPES:
+            w = torch.randn(n, k) * 0.05
+            for rows in ROWS:
+                if n == 49152 and rows == 64:
+                    continue  # the output layer only sees the rows that sample
+                cands = _candidates(w, rows)
+                runnable = {name: fn for name, fn in cands.items() if callable(fn)}
+                times: dict[str, list[float]] = {name: [] for name in runnable}
+                for fn in runnable.values():
+                    fn()  # warm-up
+                for _ in range(reps):
+                    for name, fn in runnable.items():
+                        t = time.perf_counter()
+                        fn()
+                        times[name].append(time.perf_counter() - t)
+                row: dict[str, Any] = {"shape": f"{n}x{k}", "rows": rows}
+                row.update({name: statistics.median(ts) * 1e6 for name, ts in times.items()})
+                row.update({name: v for name, v in cands.items() if isinstance(v, str)})
+                rows_out.append(row)
+    return rows_out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    names: list[str] = []
+    for r in results:
+        names += [k for k in r if k not in ("shape", "rows") and k not in names]
+    lines = [
+        "| layer (out x in) | rows | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for r in results:
+        cells = []
+        for name in names:
+            v = r.get(name, "")
+            cells.append(f"{v:.0f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {r['shape']} | {r['rows']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def isa() -> str:
+    flags = cpu_flags()
+    return (
+        "AVX-512"
+        if "avx512f" in flags
+        else "AVX2"
+        if "avx2" in flags
+        else "neither AVX2 nor AVX-512"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    results = measure(args.reps)
+    kernels = load_kernels()
+    info = {
+        "environment": header(["python", "-m", "bench.kernels", *sys.argv[1:]]),
+        "instruction_set": isa(),
+        "kernel_build": kernels.isa if kernels else None,
+        "threads": torch.get_num_threads(),
+        "results": results,
+    }
+    if args.json:
+        args.json.write_text(json.dumps(info, indent=1))
+    print(f"{isa()}, kernel build {info['kernel_build']}, {info['threads']} threads; "
+          "median microseconds per call")  # fmt: skip
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -115,7 +115,7 @@ def ensure_installed(
         build_s = round(time.perf_counter() - start, 1)
         (cache / "build.log").write_text(output, encoding="utf-8")
         if rc != 0:
-            return Install(False, "failed", build_s=build_s, reason=_why("build", rc, output))
+            return Install(False, "failed", build_s=build_s, reason=_why("wheel", rc, output))
         wheel = cached_wheel(cache)
         if wheel is None:
             return Install(False, "failed", build_s=build_s, reason="the build wrote no wheel")

@@ -1,11 +1,13 @@
 # gptserve: `make run` serves the default model, `make test` runs the tests.
 # Both create .venv when it is missing. On a GPU host: `make run TORCH=torch`.
+# `make bench BENCH="--only llamacpp"` runs one section of the suite (see --help).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 MODEL ?= smollm2-135m-instruct
+BENCH ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -37,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.suite
+	$(BIN)/python -m bench.suite $(BENCH)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -26,6 +26,35 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The vector extensions that decide how fast a CPU runs matmuls, in the order shown.
+ISA_FLAGS = (
+    ("avx2", "AVX2"),
+    ("fma", "FMA"),
+    ("f16c", "F16C"),
+    ("avx512f", "AVX-512F"),
+    ("avx512bw", "AVX-512BW"),
+    ("avx512vl", "AVX-512VL"),
+    ("avx512_vnni", "AVX-512 VNNI"),
+    ("avx512_bf16", "AVX-512 BF16"),
+    ("avx_vnni", "AVX-VNNI"),
+    ("amx_tile", "AMX"),
+)
+
+
+def cpu_isa(cpuinfo: str | None = None) -> list[str]:
+    """The vector extensions in the first ``flags`` line of /proc/cpuinfo (empty if none)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [name for flag, name in ISA_FLAGS if flag in flags]
+    return []
+
+
 def memory_gib() -> float | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -66,6 +95,7 @@ def machine(device: str = "cpu") -> dict[str, Any]:
     mem = memory_gib()
     info: dict[str, Any] = {
         "cpu": cpu_model(),
+        "isa": cpu_isa(),
         "cores": usable_cores(),
         "memory_gib": round(mem, 1) if mem else None,
         "os": platform.platform(),

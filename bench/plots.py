@@ -104,6 +104,31 @@ def bar_chart(
     return _save(fig, path)
 
 
+def curves(
+    lines: Sequence[tuple[str, Sequence[float], Sequence[float], str]],
+    path: Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """Several (label, xs, ys, matplotlib format) curves on one log2 x axis."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    levels = sorted({x for _, xs, _, _ in lines for x in xs})
+    for label, xs, ys, fmt in lines:
+        ax.plot(xs, ys, fmt, label=label)
+    if levels and min(levels) > 0 and max(levels) / min(levels) >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(levels, [f"{v:g}" for v in levels])
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def _save(fig: plt.Figure, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)

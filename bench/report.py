@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.targets import get, med, sweep_tps
+from bench.targets import decode_tps, get, med, ratio, sweep_level, sweep_tps
 
 NOTES = Path(__file__).parent / "notes.md"
+VS_LLAMACPP = "cpu-vs-llamacpp"  # the stem of the plot of both curves
 R = dict[str, Any]
 
 
@@ -42,7 +43,8 @@ def error_line(results: R, name: str) -> str:
 def header(results: R, results_path: Path, doc: Path) -> str:
     m = results.get("machine", {})
     machine = (
-        f"{m.get('cpu')}, {m.get('cores')} cores, {num(m.get('memory_gib'))} GiB memory; "
+        f"{m.get('cpu')} ({', '.join(m.get('isa') or []) or 'no AVX2 or AVX-512'}), "
+        f"{m.get('cores')} cores, {num(m.get('memory_gib'))} GiB memory; "
         f"{m.get('os')}; Python {m.get('python')}, torch {m.get('torch')} ({m.get('torch_threads')} threads), "
         f"device {m.get('device')}"
     )
@@ -65,7 +67,7 @@ def load_line(results: R) -> str:
     """1-minute load averages as each section started: how shared the machine was."""
     parts = [
         f"{name} {results[name]['loadavg_before'][0]:.1f}"
-        for name in ("load", "offline", "engine", "http")
+        for name in ("load", "offline", "engine", "llamacpp", "http", "memory")
         if isinstance(results.get(name), dict) and results[name].get("loadavg_before")
     ]
     return (
@@ -231,6 +233,100 @@ def http_section(results: R) -> str:
     )
 
 
+def times(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}x"
+
+
+def llamacpp_section(results: R, images: Sequence[Path], doc: Path) -> str:
+    lc = results.get("llamacpp") or {}
+    install = lc.get("install") or {}
+    if lc.get("skipped") or (not lc.get("decode_tps") and not lc.get("error")):
+        why = lc.get("skipped") or "the section did not run"
+        return (
+            "**Skipped:** llama-cpp-python could not be built or installed in this run, so the "
+            f"ratios to llama.cpp are not measured:\n\n```text\n{why}\n```"
+        )
+    c1 = sweep_level(results, 1) or {}
+    http_decode, llama_decode = decode_tps(c1), med(lc.get("decode_tps"))
+    ttft, prompt_ms = get(c1, "ttft_ms", "median"), med(lc.get("prompt_ms"))
+    http_16, llama_tps = sweep_tps(results, 16), med(lc.get("output_tps"))
+    rows = [
+        ["prompt evaluation / TTFT (ms)", prompt_ms, runs(lc.get("prompt_ms")), ttft,
+         times(ratio(ttft, prompt_ms))],
+        ["decode tok/s, first token excluded", llama_decode, runs(lc.get("decode_tps")),
+         http_decode, times(ratio(http_decode, llama_decode))],
+        ["output tok/s, whole request", llama_tps, runs(lc.get("output_tps")),
+         sweep_tps(results, 1), times(ratio(sweep_tps(results, 1), llama_tps))],
+        ["output tok/s, gptserve at 16 streams", llama_tps, "", http_16,
+         times(ratio(http_16, llama_tps))],
+    ]  # fmt: skip
+    how = {"installed": "already installed", "cached wheel": "installed from the cached wheel"}
+    built = how.get(
+        str(install.get("how")),
+        f"built from the source distribution in {num(install.get('build_s'))} s",
+    )
+    agree = lc.get("greedy_agree")
+    agreement = (
+        ""
+        if agree is None
+        else f" Its first 16 greedy tokens of the first prompt and gptserve's agree for {agree}."
+    )
+    plot = [p for p in images if p.stem == VS_LLAMACPP]
+    figure = f"\n\n![{VS_LLAMACPP}]({os.path.relpath(plot[0], doc.parent)})" if plot else ""
+    return (
+        f"llama-cpp-python {lc.get('version', 'n/a')} ({built}) in a fresh process "
+        "(`python -m bench.llamacpp`), `Llama(n_threads=cores)` on the same GGUF, computing with "
+        "its Q4_1 blocks where gptserve dequantizes to float32, given the token ids of the same "
+        "prompts the HTTP sweep sends at concurrency 1 (a warm-up prompt, then one per "
+        f"repetition), greedy, {num(med(lc.get('new_tokens')))} new tokens, end-of-sequence "
+        "ignored. It ran right before the HTTP sweep. Prompt evaluation is the call to its first "
+        "token; gptserve's figures are the HTTP sweep's medians at concurrency 1 (decode rate: "
+        f"1000 / median TPOT).{agreement} llama.cpp's own report of its build: "
+        f"`{lc.get('system_info', '').strip() or 'n/a'}`.\n\n"
+        + table(["what", "llama.cpp (median)", "runs", "gptserve", "gptserve / llama.cpp"], rows)
+        + "\n\nOne llama.cpp context decodes one sequence, so its curve in the plot is its single "
+        "stream at every level (a flat line), not a sweep of llama.cpp's own server "
+        "(see [Adding llama.cpp's `llama-server`](#adding-llamacpps-llama-server) for that)."
+        + figure
+        + error_line(results, "llamacpp")
+    )
+
+
+def concurrency_curves(results: R) -> list[tuple[str, list[float], list[float], str]]:
+    """Output tok/s vs concurrency: gptserve's sweep and llama.cpp's single stream, flat."""
+    sweep = [p for p in get(results, "http", "sweep") or [] if p.get("completed")]
+    llama = med(get(results, "llamacpp", "output_tps"))
+    if llama is None:
+        return []
+    levels = [float(p["level"]) for p in sweep] or [1.0]
+    lines = [("llama.cpp in process, 1 stream (flat)", levels, [llama] * len(levels), "s--")]
+    if sweep:
+        tps = [float(p["output_throughput"]) for p in sweep]
+        lines.insert(0, ("gptserve over HTTP", levels, tps, "o-"))
+    return lines
+
+
+def memory_section(results: R) -> str:
+    m = results.get("memory") or {}
+    prompts = m.get("prompt_tokens") or []
+    size = f"{min(prompts)}-{max(prompts)}" if prompts else "n/a"
+    done = m.get("completed")
+    completed = (
+        f"cut short after {num(m.get('timeout_s'))} s"
+        if "completed" in m and done is None
+        else f"{done if done is not None else 'n/a'} completed"
+    )
+    return (
+        f"A fresh server (`python -m service.api.server`, ready after {num(m.get('ready_s'))} s): "
+        f"its resident set once ready, {num(m.get('rss_ready_mib'))} MiB; then "
+        f"{m.get('streams', 'n/a')} concurrent requests of {size}-token prompts and "
+        f"{m.get('new_tokens', 'n/a')} new tokens ({completed}): "
+        f"{num(m.get('rss_after_mib'))} MiB after them, peak {num(m.get('rss_peak_mib'))} MiB "
+        "(`VmHWM`: the whole life of the process, loading included)."
+        + error_line(results, "memory")
+    )
+
+
 def throughput_bars(results: R) -> list[tuple[str, float]]:
     """(label, output tokens/s) for the comparison chart, measured figures only."""
     bars: list[tuple[str, float | None]] = [
@@ -238,6 +334,7 @@ def throughput_bars(results: R) -> list[tuple[str, float]]:
         ("gptserve bare loop b1", med(get(results, "offline", "bare_tps"))),
         ("engine 1 stream", med(get(results, "engine", "tps_1"))),
         ("HTTP 1 stream", sweep_tps(results, 1)),
+        ("llama.cpp b1", med(get(results, "llamacpp", "output_tps"))),
         ("transformers b8", med(get(results, "offline", "hf_tps", "8"))),
         ("transformers b32", med(get(results, "offline", "hf_tps", "32"))),
         ("engine 16 streams", med(get(results, "engine", "tps_16"))),
@@ -248,6 +345,7 @@ def throughput_bars(results: R) -> list[tuple[str, float]]:
 
 
 def plots_section(images: Sequence[Path], doc: Path) -> str:
+    images = [p for p in images if p.stem != VS_LLAMACPP]  # shown in its own section
     if not images:
         return "No plots (the sections that feed them did not run)."
     return "\n\n".join(f"![{p.stem}]({os.path.relpath(p, doc.parent)})" for p in images)
@@ -278,6 +376,8 @@ def write(doc: Path, results: R, images: Sequence[Path], results_path: Path) -> 
         "## Offline generation (no engine, no HTTP)\n\n" + offline_section(results),
         "## Engine without HTTP\n\n" + engine_section(results),
         "## Over HTTP\n\n" + http_section(results),
+        "## llama.cpp baseline\n\n" + llamacpp_section(results, images, doc),
+        "## Server memory\n\n" + memory_section(results),
         "## Plots\n\n" + plots_section(images, doc),
         "## Profile of the batch-1 decode\n\n" + profile_section(results),
         "## Analysis\n\n" + (notes or "No notes."),

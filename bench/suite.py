@@ -7,8 +7,17 @@ Sections, in order (each one's failure is recorded and the rest still run):
    ``generate()`` on the same GGUF, side by side, repeated;
 3. engine: gptserve's engine without HTTP (1 and 16 streams, per-token
    overhead over the bare model, prefix-cache TTFT);
-4. http: the server as a child process (start-up time, a concurrency sweep
-   with the load generator, ``/health`` under long prefills).
+4. llamacpp: llama.cpp (llama-cpp-python, built once from its source
+   distribution) in process on the same GGUF and prompts, right before
+   gptserve's single-stream HTTP figures; skipped, with the reason, where it
+   cannot be built;
+5. http: the server as a child process (start-up time, a concurrency sweep
+   with the load generator, ``/health`` under long prefills);
+6. memory: a fresh server's RSS once ready, and its peak with 16 concurrent
+   ~1,000-token prompts.
+
+``--only llamacpp`` (or any sections) runs just those and writes the page,
+plots and results under bench/results/, leaving docs/ as it is.
 
 Defaults: default model, float32, 64-token prompts, 128 new tokens.
 """
@@ -33,15 +42,15 @@ from typing import Any
 
 import torch
 
-from bench import offline, plots, report
-from bench.environment import REPO, header, write_json
-from bench.loadgen import LoadSpec
+from bench import llamacpp, offline, plots, report
+from bench.environment import REPO, header, usable_cores, write_json
+from bench.loadgen import LoadSpec, Prompt, run_load
 from bench.metrics import Stats
 from bench.prompts import build_prompts, prompt_ids
 from bench.server_bench import ServerProcess, health_during_prefill, max_model_len
 from bench.sweep import SweepPoint, SweepSpec, run_sweep
 from bench.targets import evaluate
-from model.registry import DEFAULT_MODEL
+from model.registry import DEFAULT_MODEL, resolve_model
 
 log = logging.getLogger("bench.suite")
 
@@ -55,12 +64,19 @@ class Options:
     hf_batches: tuple[int, ...] = (1, 8, 32)
     levels: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     prefix_len: int = 1000
+    memory_prompt_len: int = 1000
+    memory_new_tokens: int = 64
+    memory_streams: int = 16
+    memory_timeout_s: float = 300.0  # the peak is read even when the requests are cut short
     health_window_s: float = 10.0
     doc: Path = REPO / "docs" / "benchmarks.md"
     img_dir: Path = REPO / "docs" / "img"
     results: Path = REPO / "docs" / "img" / "cpu-suite.json"  # committed beside the plots
     skip: frozenset[str] = frozenset()
     render_only: bool = False
+
+    def runs(self, name: str) -> bool:
+        return name not in self.skip
 
 
 @dataclass
@@ -75,6 +91,18 @@ class State:
 
     def ids(self, n: int, offset: int = 0) -> list[int]:
         return prompt_ids(self.tokenizer, n, offset)
+
+    def codec(self) -> Any:
+        """The tokenizer, loaded from the model file alone when no section loaded it yet."""
+        if self.tokenizer is None:
+            from model.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_path(resolve_model(self.opts.model))
+        return self.tokenizer
+
+    def http_prompts(self) -> list[Prompt]:
+        """The HTTP sweep's prompt pool; llama.cpp is given the same prompts' token ids."""
+        return build_prompts(self.codec(), self.opts.prompt_len, count=200, seed=1)
 
 
 @contextmanager
@@ -196,18 +224,58 @@ def engine_section(state: State) -> None:
         )
 
 
-# -- 4. http ----------------------------------------------------------------------------
+# -- 4. llama.cpp -----------------------------------------------------------------------
+
+
+def llamacpp_section(state: State) -> None:
+    """llama.cpp in a child process on the prompts the HTTP sweep sends at concurrency 1
+    (its warm-up prompt first, then one per repetition), as the server tokenizes them."""
+    with section(state, "llamacpp") as out:
+        install = llamacpp.ensure_installed()
+        out["install"] = install.to_dict()
+        if not install.ok:
+            out["skipped"] = install.reason
+            log.warning("llama.cpp baseline skipped: %s", install.reason)
+            return
+        o = state.opts
+        codec = state.codec()
+        pool = state.http_prompts()[: 1 + o.reps]
+        ids = [codec.encode(str(p.prompt), add_special_tokens=True) for p in pool]
+        out["model_path"] = str(resolve_model(o.model))
+        out.update(
+            run_child(
+                "bench.llamacpp",
+                model_path=out["model_path"],
+                prompt_ids=llamacpp.format_prompt_ids(ids),
+                new_tokens=o.new_tokens,
+                threads=usable_cores(),
+            )
+        )
+        if state.model is not None:  # same greedy tokens? (Q4_1 blocks vs float32 weights)
+            ours = list(offline.generate(state.model, ids[1], 16))
+            out["greedy_agree"] = greedy_agreement(ours, out["first_tokens"][0])
+
+
+def greedy_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy continuations share."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+# -- 5. http ----------------------------------------------------------------------------
 
 
 def http_section(state: State) -> None:
-    if state.tokenizer is None:
-        raise RuntimeError("the tokenizer did not load")
     with section(state, "http") as out:
         opts = state.opts
         out["ready_s"] = []
+        prompts = state.http_prompts()
         with ServerProcess(opts.model) as server:
             out["ready_s"].append(server.start())
-            prompts = build_prompts(state.tokenizer, opts.prompt_len, count=200, seed=1)
             # Closed loop: a few requests at 1 and 2, then one full wave per level (CPU time is short).
             counts: dict[float, int] = {
                 level: {1: 3, 2: 4}.get(level, level) for level in opts.levels
@@ -231,7 +299,7 @@ def http_section(state: State) -> None:
 def health_probe(state: State, base_url: str) -> dict[str, Any]:
     context = max_model_len(base_url, state.opts.model) or 2048
     n = context - 1  # the longest prompt that still leaves room for one new token
-    prompts = build_prompts(state.tokenizer, n, count=8, seed=2)
+    prompts = build_prompts(state.codec(), n, count=8, seed=2)
     spec = LoadSpec(base_url, state.opts.model, prompts, output_len=1, progress=False)
     probe = asyncio.run(health_during_prefill(spec, prompts, window_s=state.opts.health_window_s))
     return {
@@ -243,6 +311,59 @@ def health_probe(state: State, base_url: str) -> dict[str, Any]:
     }
 
 
+# -- 6. memory --------------------------------------------------------------------------
+
+
+def rss_mib(pid: int) -> dict[str, float]:
+    """A process's resident set now (``VmRSS``) and at its peak (``VmHWM``), in MiB."""
+    return parse_status(Path(f"/proc/{pid}/status").read_text())
+
+
+def parse_status(text: str) -> dict[str, float]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024  # kB
+    return out
+
+
+def memory_section(state: State) -> None:
+    """A fresh server: RSS once ready, then peak RSS through concurrent long prompts."""
+    with section(state, "memory") as out:
+        o = state.opts
+        prompts = build_prompts(state.codec(), o.memory_prompt_len, o.memory_streams, seed=3)
+        with ServerProcess(o.model) as server:
+            out["ready_s"] = server.start()
+            assert server.proc is not None
+            out["rss_ready_mib"] = rss_mib(server.proc.pid)["VmRSS"]
+            spec = LoadSpec(
+                server.base_url,
+                o.model,
+                prompts,
+                output_len=o.memory_new_tokens,
+                max_concurrency=o.memory_streams,
+                progress=False,
+            )
+            completed = asyncio.run(bounded_load(spec, o.memory_timeout_s))
+            mem = rss_mib(server.proc.pid)
+        out["rss_after_mib"], out["rss_peak_mib"] = mem["VmRSS"], mem["VmHWM"]
+        out["streams"], out["new_tokens"] = o.memory_streams, o.memory_new_tokens
+        out["prompt_tokens"] = [p.num_tokens for p in prompts]
+        out["completed"] = completed
+        out["timeout_s"] = o.memory_timeout_s
+
+
+async def bounded_load(spec: LoadSpec, timeout_s: float) -> int | None:
+    """Completed requests, or None when the load was cancelled after ``timeout_s``
+    (cancelling closes the connections, so the server aborts them)."""
+    try:
+        result = await asyncio.wait_for(run_load(spec), timeout_s)
+    except TimeoutError:
+        return None
+    return sum(r.ok for r in result.records)
+
+
 # -- driver -----------------------------------------------------------------------------
 
 
@@ -250,7 +371,11 @@ SECTIONS: dict[str, Callable[[State], None]] = {
     "load": load_section,
     "offline": offline_section,
     "engine": engine_section,
+    # Right before the HTTP sweep, whose first figures are the single stream's: the ratios
+    # to llama.cpp compare measurements taken minutes apart, not a whole suite apart.
+    "llamacpp": llamacpp_section,
     "http": http_section,
+    "memory": memory_section,
 }
 
 
@@ -260,7 +385,7 @@ def run_suite(opts: Options, argv: list[str]) -> dict[str, Any]:
     )
     start = time.perf_counter()
     for name, fn in SECTIONS.items():
-        if name in opts.skip:
+        if not opts.runs(name):
             continue
         try:
             fn(state)
@@ -293,6 +418,18 @@ def write_plots(state: State) -> list[Path]:
     images = plots.sweep_plots(
         state.sweep, state.opts.img_dir, "cpu-http", "gptserve over HTTP, CPU"
     )
+    curves = report.concurrency_curves(state.results)
+    if curves:
+        path = state.opts.img_dir / "cpu-vs-llamacpp.png"
+        images.append(
+            plots.curves(
+                curves,
+                path,
+                "concurrent streams",
+                "output tokens/s",
+                "Output tokens/s vs concurrency: gptserve over HTTP and llama.cpp",
+            )
+        )
     bars = report.throughput_bars(state.results)
     if bars:
         labels, values = zip(*bars, strict=True)
@@ -325,25 +462,41 @@ def parse_args(argv: list[str]) -> Options:
     )
     p.add_argument("--levels", default="1,2,4,8,16,32", help="HTTP concurrency levels")
     p.add_argument("--hf-batches", default="1,8,32", help="transformers generate() batch sizes")
-    p.add_argument("--skip", default="", help="comma-separated: load, offline, engine, http, hf")
-    p.add_argument("--doc", type=Path, default=Options.doc)
-    p.add_argument("--img-dir", type=Path, default=Options.img_dir)
-    p.add_argument("--results", type=Path, default=Options.results)
+    names = ", ".join(SECTIONS)
+    p.add_argument("--skip", default="", help=f"comma-separated: {names}, hf")
+    p.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated sections to run, the others skipped ({names}); "
+        "the page, plots and results then go to bench/results/ unless given",
+    )
+    p.add_argument("--doc", type=Path, help=f"default {Options.doc.relative_to(REPO)}")
+    p.add_argument("--img-dir", type=Path, help=f"default {Options.img_dir.relative_to(REPO)}")
+    p.add_argument("--results", type=Path, help=f"default {Options.results.relative_to(REPO)}")
     p.add_argument(
         "--render-only",
         action="store_true",
         help="rewrite the page from --results, measure nothing",
     )
     a = p.parse_args(argv)
+    skip = {x for x in a.skip.split(",") if x}
+    only = {x for x in a.only.split(",") if x}
+    unknown = (skip | only) - set(SECTIONS) - {"hf"}
+    if unknown:
+        p.error(f"unknown sections: {', '.join(sorted(unknown))} (known: {names}, hf)")
+    if only:
+        skip |= set(SECTIONS) - only
+    # A partial run must not overwrite the full run's page: it goes to bench/results/.
+    out = REPO / "bench" / "results" if only else None
     return Options(
         model=a.model,
         reps=a.reps,
         levels=_ints(a.levels),
         hf_batches=_ints(a.hf_batches),
-        skip=frozenset(x for x in a.skip.split(",") if x),
-        doc=a.doc,
-        img_dir=a.img_dir,
-        results=a.results,
+        skip=frozenset(skip),
+        doc=a.doc or (out / "benchmarks.md" if out else Options.doc),
+        img_dir=a.img_dir or (out if out else Options.img_dir),
+        results=a.results or (out / "cpu-suite.json" if out else Options.results),
         render_only=a.render_only,
     )
 

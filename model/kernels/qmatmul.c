@@ -44,11 +44,7 @@ static void block_sums(const float *x, int64_t M, int64_t K, float *xs) {
         }
 }
 
-static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
-    float s = 0.f;
-    for (int64_t b = 0; b < nb; b++) s += mrow[b] * xs[b];
-    return s;
-}
+
 
 #if QMM_AVX2
 static inline float hsum(__m256 v) {
@@ -175,6 +171,20 @@ static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
 }
 #endif
 
+static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
+    int64_t b = 0;
+    float s = 0.f;
+#if QMM_AVX2
+    /* vectorised: a scalar chain of nb dependent FMAs would cost as much as the blocks */
+    __m256 acc = _mm256_setzero_ps();
+    for (; b + 8 <= nb; b += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(mrow + b), _mm256_loadu_ps(xs + b), acc);
+    s = hsum(acc);
+#endif
+    for (; b < nb; b++) s += mrow[b] * xs[b];
+    return s;
+}
+
 /* accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T.
  * Returns 0, or -1 when the scratch for the block sums cannot be allocated. */
 #define GEMM(NAME, QTYPE, ROW, BYTES)                                                   \
@@ -291,6 +301,86 @@ static inline __m256 load8_kv(const void *base, int64_t i, int kv_dtype) {
 }
 #endif
 
+/* Element offset of key j of a sequence in the cache: its block from the table. Callers
+ * walk keys block by block (no division per key). */
+#define KEY_BASE(table, blk, block_size, row) ((table)[blk] * (block_size) * (row))
+
+/* Scores of one query head against the sequence's n keys: s[j] = scale * q . k_j;
+ * returns their maximum. */
+static float head_scores(const float *qh, const void *k, int kv_dtype, int64_t block_size,
+                         const int64_t *table, int64_t row, int64_t off, int64_t hd, int64_t n,
+                         float scale, float *s) {
+    float mx = -INFINITY;
+    for (int64_t j0 = 0, blk = 0; j0 < n; j0 += block_size, blk++) {
+        const int64_t len = n - j0 < block_size ? n - j0 : block_size;
+        const int64_t base = KEY_BASE(table, blk, block_size, row) + off;
+        int64_t t = 0;
+#if QMM_AVX2
+        if (hd % 8 == 0 && hd <= 256) {
+            __m256 qv[32];
+            for (int64_t e = 0; e < hd; e += 8) qv[e / 8] = _mm256_loadu_ps(qh + e);
+            for (; t + 4 <= len; t += 4) { /* four keys at once: four independent sums */
+                __m256 acc[4];
+                for (int u = 0; u < 4; u++) {
+                    const int64_t kb = base + (t + u) * row;
+                    __m256 a = _mm256_setzero_ps();
+                    for (int64_t e = 0; e < hd; e += 8)
+                        a = _mm256_fmadd_ps(qv[e / 8], load8_kv(k, kb + e, kv_dtype), a);
+                    acc[u] = a;
+                }
+                /* the four sums reduced together: two horizontal adds, then the halves */
+                const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]);
+                const __m256 h23 = _mm256_hadd_ps(acc[2], acc[3]);
+                const __m256 h = _mm256_hadd_ps(h01, h23); /* lanes 0..3 twice */
+                const __m128 r = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+                _mm_storeu_ps(s + j0 + t, _mm_mul_ps(r, _mm_set1_ps(scale)));
+            }
+        }
+#endif
+        for (; t < len; t++) {
+            const int64_t kb = base + t * row;
+            float dot = 0.f;
+            for (int64_t e = 0; e < hd; e++) dot += qh[e] * load_kv(k, kb + e, kv_dtype);
+            s[j0 + t] = dot * scale;
+        }
+        for (t = 0; t < len; t++)
+            if (s[j0 + t] > mx) mx = s[j0 + t];
+    }
+    return mx;
+}
+
+/* oh = sum_j p[j] v_j over the sequence's n keys (p already normalised). */
+static void head_values(const float *p, const void *v, int kv_dtype, int64_t block_size,
+                        const int64_t *table, int64_t row, int64_t off, int64_t hd, int64_t n,
+                        float *oh) {
+    int64_t e0 = 0;
+#if QMM_AVX2
+    for (; e0 + 64 <= hd; e0 += 64) { /* 64 dimensions at a time, held in registers */
+        __m256 o[8];
+        for (int c = 0; c < 8; c++) o[c] = _mm256_setzero_ps();
+        for (int64_t j0 = 0, blk = 0; j0 < n; j0 += block_size, blk++) {
+            const int64_t len = n - j0 < block_size ? n - j0 : block_size;
+            const int64_t base = KEY_BASE(table, blk, block_size, row) + off + e0;
+            for (int64_t t = 0; t < len; t++) {
+                const __m256 pv = _mm256_set1_ps(p[j0 + t]);
+                for (int c = 0; c < 8; c++)
+                    o[c] = _mm256_fmadd_ps(pv, load8_kv(v, base + t * row + 8 * c, kv_dtype), o[c]);
+            }
+        }
+        for (int c = 0; c < 8; c++) _mm256_storeu_ps(oh + e0 + 8 * c, o[c]);
+    }
+#endif
+    if (e0 == hd) return;
+    for (int64_t e = e0; e < hd; e++) oh[e] = 0.f;
+    for (int64_t j0 = 0, blk = 0; j0 < n; j0 += block_size, blk++) {
+        const int64_t len = n - j0 < block_size ? n - j0 : block_size;
+        const int64_t base = KEY_BASE(table, blk, block_size, row) + off;
+        for (int64_t t = 0; t < len; t++)
+            for (int64_t e = e0; e < hd; e++)
+                oh[e] += p[j0 + t] * load_kv(v, base + t * row + e, kv_dtype);
+    }
+}
+
 void qmm_decode_attention(const float *q, int64_t q_stride, const void *k, const void *v,
                           int kv_dtype, int64_t block_size, int64_t B, int64_t H, int64_t KV,
                           int64_t hd, const int64_t *tables, int64_t W, const int64_t *ctx,
@@ -298,62 +388,26 @@ void qmm_decode_attention(const float *q, int64_t q_stride, const void *k, const
     const int64_t G = H / KV;
     const int64_t row = KV * hd; /* elements per cached token */
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t task = 0; task < B * KV; task++) {
-        const int64_t b = task / KV, g = task % KV, n = ctx[b];
-        float *s = (float *)malloc(sizeof(float) * (size_t)(G * (n > 0 ? n : 1)));
-        if (!s) continue;
-        const float *qb = q + b * q_stride + g * G * hd;
-        float mx[64], sum[64]; /* G <= 64 heads per KV head */
-        for (int64_t h = 0; h < G; h++) mx[h] = -INFINITY, sum[h] = 0.f;
-        for (int64_t j = 0; j < n; j++) {
-            const int64_t slot = tables[b * W + j / block_size] * block_size + j % block_size;
-            const int64_t base = slot * row + g * hd;
-            for (int64_t h = 0; h < G; h++) {
-                const float *qh = qb + h * hd;
-                float dot = 0.f;
-                int64_t e = 0;
-#if QMM_AVX2
-                __m256 acc = _mm256_setzero_ps();
-                for (; e + 8 <= hd; e += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qh + e), load8_kv(k, base + e, kv_dtype), acc);
-                dot = hsum(acc);
-#endif
-                for (; e < hd; e++) dot += qh[e] * load_kv(k, base + e, kv_dtype);
-                dot *= scale;
-                s[h * n + j] = dot;
-                if (dot > mx[h]) mx[h] = dot;
-            }
-        }
-        for (int64_t h = 0; h < G; h++) {
-            for (int64_t j = 0; j < n; j++) {
-                const float p = expf(s[h * n + j] - mx[h]);
-                s[h * n + j] = p;
-                sum[h] += p;
-            }
-            float *oh = out + (b * H + g * G + h) * hd;
+    for (int64_t task = 0; task < B * H; task++) { /* one query head of one sequence */
+        const int64_t b = task / H, h = task % H, n = ctx[b], off = (h / G) * hd;
+        const int64_t *table = tables + b * W;
+        float *oh = out + (b * H + h) * hd;
+        float *s = (float *)malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+        if (!s || n <= 0) {
             for (int64_t e = 0; e < hd; e++) oh[e] = 0.f;
+            free(s);
+            continue;
         }
+        const float mx =
+            head_scores(q + b * q_stride + h * hd, k, kv_dtype, block_size, table, row, off, hd, n, scale, s);
+        float sum = 0.f;
         for (int64_t j = 0; j < n; j++) {
-            const int64_t slot = tables[b * W + j / block_size] * block_size + j % block_size;
-            const int64_t base = slot * row + g * hd;
-            for (int64_t h = 0; h < G; h++) {
-                float *oh = out + (b * H + g * G + h) * hd;
-                const float p = s[h * n + j];
-                int64_t e = 0;
-#if QMM_AVX2
-                const __m256 pv = _mm256_set1_ps(p);
-                for (; e + 8 <= hd; e += 8)
-                    _mm256_storeu_ps(oh + e, _mm256_fmadd_ps(pv, load8_kv(v, base + e, kv_dtype),
-                                                             _mm256_loadu_ps(oh + e)));
-#endif
-                for (; e < hd; e++) oh[e] += p * load_kv(v, base + e, kv_dtype);
-            }
+            s[j] = expf(s[j] - mx);
+            sum += s[j];
         }
-        for (int64_t h = 0; h < G; h++) {
-            float *oh = out + (b * H + g * G + h) * hd;
-            const float inv = sum[h] > 0.f ? 1.f / sum[h] : 0.f;
-            for (int64_t e = 0; e < hd; e++) oh[e] *= inv;
-        }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < n; j++) s[j] *= inv;
+        head_values(s, v, kv_dtype, block_size, table, row, off, hd, n, oh);
         free(s);
     }
 }

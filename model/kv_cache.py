@@ -8,10 +8,12 @@ sequence gets is the engine's business: the model accepts any table.
 
 from __future__ import annotations
 
+import math
+import mmap
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -85,14 +87,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     """Zeros that cost no memory until written, on the CPU.
 
     ``torch.zeros`` writes every byte, so a cache sized for 32k tokens would be
-    resident from start-up. numpy's ``zeros`` takes fresh zero pages from the OS
-    (calloc), which only become resident when a block is first written.
+    resident from start-up. An anonymous memory map gets zero pages from the OS,
+    which only become resident when a block is first written, and in 4 KiB pages
+    (numpy's large arrays ask for 2 MiB huge pages, so one written slot per layer
+    would make megabytes resident).
     """
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    size = torch.empty((), dtype=dtype).element_size()
-    as_int = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
-    return torch.from_numpy(np.zeros(shape, dtype=as_int)).view(dtype)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer's note on non-writable buffers: this one is
+        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)
 
 
 @dataclass

@@ -324,6 +324,36 @@ def memory_section(results: R) -> str:
         f"{num(m.get('rss_after_mib'))} MiB after them, peak {num(m.get('rss_peak_mib'))} MiB "
         "(`VmHWM`: the whole life of the process, loading included)."
         + error_line(results, "memory")
+        + memory_kv_f16_line(results)
+    )
+
+
+def memory_kv_f16_line(results: R) -> str:
+    m = results.get("memory") or {}
+    if "rss_peak_mib_kv_float16" not in m:
+        return ""
+    done = m.get("completed_kv_float16")
+    return (
+        f"\n\nThe same with `--kv-cache-dtype float16` (keys and values rounded to 16 bits, "
+        f"not exact; see docs/operations.md): {num(m.get('rss_ready_mib_kv_float16'))} MiB once "
+        f"ready, peak {num(m.get('rss_peak_mib_kv_float16'))} MiB "
+        f"({done if done is not None else 'cut short'} completed)."
+    )
+
+
+def kernels_section(results: R) -> str:
+    k = results.get("kernels") or {}
+    if "table" not in k:
+        return "Not run." + error_line(results, "kernels")
+    return (
+        f"`python -m bench.kernels` in this run: one linear layer of the default model's "
+        f"shapes per row, every candidate interleaved, median microseconds per call on "
+        f"{k.get('instruction_set', 'n/a')} ({k.get('threads', 'n/a')} threads; our kernel "
+        f"build: {k.get('kernel_build')}). `f32 mm` is the dequantized float32 weight through "
+        "MKL; the PyTorch int8/int4 kernels are shown with bfloat16 activations (their fast "
+        "path, not exact) and float32 ones; ours compute on the GGUF blocks with float32 "
+        "activations (the default, exact path). Only this instruction set was measured in "
+        "this run.\n\n" + k["table"] + error_line(results, "kernels")
     )
 
 
@@ -369,7 +399,7 @@ def write(doc: Path, results: R, images: Sequence[Path], results_path: Path) -> 
         "and the fixed sections from bench/report.py: edit those, not this file. -->",
         INTRO,
         "## This run\n\n" + header(results, results_path, doc),
-        "## Targets\n\nCPU, default model, float32, 64-token prompt, 128 new tokens. Every figure is the "
+        "## Targets\n\nCPU, default model (its Q4_1 blocks kept, float32 activations), 64-token prompt, 128 new tokens. Every figure is the "
         "median of the runs below; each ratio compares figures measured side by side in this run.\n\n"
         + targets_table(results),
         "## Model load\n\n" + load_section(results),
@@ -378,6 +408,7 @@ def write(doc: Path, results: R, images: Sequence[Path], results_path: Path) -> 
         "## Over HTTP\n\n" + http_section(results),
         "## llama.cpp baseline\n\n" + llamacpp_section(results, images, doc),
         "## Server memory\n\n" + memory_section(results),
+        "## Quantized matmul kernels\n\n" + kernels_section(results),
         "## Plots\n\n" + plots_section(images, doc),
         "## Profile of the batch-1 decode\n\n" + profile_section(results),
         "## Analysis\n\n" + (notes or "No notes."),

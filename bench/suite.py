@@ -68,6 +68,7 @@ class Options:
     memory_new_tokens: int = 64
     memory_streams: int = 16
     memory_timeout_s: float = 300.0  # the peak is read even when the requests are cut short
+    kernel_reps: int = 30
     health_window_s: float = 10.0
     doc: Path = REPO / "docs" / "benchmarks.md"
     img_dir: Path = REPO / "docs" / "img"
@@ -329,29 +330,50 @@ def parse_status(text: str) -> dict[str, float]:
 
 
 def memory_section(state: State) -> None:
-    """A fresh server: RSS once ready, then peak RSS through concurrent long prompts."""
+    """A fresh server: RSS once ready, then peak RSS through concurrent long prompts;
+    once with the default (float32, exact) KV cache, once with a float16 one."""
     with section(state, "memory") as out:
         o = state.opts
         prompts = build_prompts(state.codec(), o.memory_prompt_len, o.memory_streams, seed=3)
-        with ServerProcess(o.model) as server:
-            out["ready_s"] = server.start()
-            assert server.proc is not None
-            out["rss_ready_mib"] = rss_mib(server.proc.pid)["VmRSS"]
-            spec = LoadSpec(
-                server.base_url,
-                o.model,
-                prompts,
-                output_len=o.memory_new_tokens,
-                max_concurrency=o.memory_streams,
-                progress=False,
-            )
-            completed = asyncio.run(bounded_load(spec, o.memory_timeout_s))
-            mem = rss_mib(server.proc.pid)
-        out["rss_after_mib"], out["rss_peak_mib"] = mem["VmRSS"], mem["VmHWM"]
         out["streams"], out["new_tokens"] = o.memory_streams, o.memory_new_tokens
         out["prompt_tokens"] = [p.num_tokens for p in prompts]
-        out["completed"] = completed
         out["timeout_s"] = o.memory_timeout_s
+        for suffix, args in (("", ()), ("_kv_float16", ("--kv-cache-dtype", "float16"))):
+            with ServerProcess(o.model, args=args) as server:
+                out["ready_s" + suffix] = server.start()
+                assert server.proc is not None
+                out["rss_ready_mib" + suffix] = rss_mib(server.proc.pid)["VmRSS"]
+                spec = LoadSpec(
+                    server.base_url,
+                    o.model,
+                    prompts,
+                    output_len=o.memory_new_tokens,
+                    max_concurrency=o.memory_streams,
+                    progress=False,
+                )
+                out["completed" + suffix] = asyncio.run(bounded_load(spec, o.memory_timeout_s))
+                mem = rss_mib(server.proc.pid)
+            out["rss_after_mib" + suffix], out["rss_peak_mib" + suffix] = mem["VmRSS"], mem["VmHWM"]
+
+
+def kernels_section(state: State) -> None:
+    """The matmul candidates side by side (``bench.kernels``), in a child process."""
+    with section(state, "kernels") as out:
+        path = state.opts.results.with_name("cpu-kernels.json")
+        run_json = run_child_text("bench.kernels", reps=state.opts.kernel_reps, json=path)
+        out.update(json.loads(path.read_text(encoding="utf-8")))
+        out["table"] = run_json.split("\n", 1)[1] if "\n" in run_json else run_json
+
+
+def run_child_text(module: str, **flags: Any) -> str:
+    """``python -m module --flag value ...``; its stdout as text."""
+    argv = [str(x) for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", value)]
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    return proc.stdout.strip()
 
 
 async def bounded_load(spec: LoadSpec, timeout_s: float) -> int | None:
@@ -376,6 +398,7 @@ SECTIONS: dict[str, Callable[[State], None]] = {
     "llamacpp": llamacpp_section,
     "http": http_section,
     "memory": memory_section,
+    "kernels": kernels_section,
 }
 
 

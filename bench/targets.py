@@ -88,6 +88,7 @@ def figures(r: R) -> dict[str, float | None]:
         "llama_tps": med(get(r, "llamacpp", "output_tps")),
         "rss_ready": get(r, "memory", "rss_ready_mib"),
         "rss_peak": get(r, "memory", "rss_peak_mib"),
+        "rss_peak_f16": get(r, "memory", "rss_peak_mib_kv_float16"),
     }
 
 
@@ -193,16 +194,17 @@ TARGETS: list[Target] = [
     Target(6, "TTFT at concurrency 1 (median)", 120.0, "max", "ms", "ttft_c1", beside="p99 {ttft_c1_p99} ms"),
     Target(6, "HTTP: 16 concurrent streams vs 1 stream (output tokens/s)", 6.0, "min", "x", "http_16", "http_1",
            beside="{http_16} vs {http_1} tok/s"),
-    Target(6, "Server ready after start (process start to `/ready` 200)", 2.0, "max", "s", "server_ready"),
-    Target(6, "Single-stream decode: HTTP vs llama.cpp in process, same GGUF", 1.0, "min", "x",
+    Target(10, "Server ready after start (process start to `/ready` 200)", 2.0, "max", "s", "server_ready"),
+    Target(10, "Single-stream decode: HTTP vs llama.cpp in process, same GGUF", 1.0, "min", "x",
            "http_decode_1", "llama_decode", beside="{http_decode_1} vs {llama_decode} tok/s"),
-    Target(6, "TTFT at concurrency 1 vs llama.cpp's prompt evaluation", 1.0, "max", "x",
+    Target(10, "TTFT at concurrency 1 vs llama.cpp's prompt evaluation", 1.0, "max", "x",
            "ttft_c1", "llama_prompt_ms", beside="{ttft_c1} ms vs {llama_prompt_ms} ms"),
-    Target(6, "HTTP: 16 concurrent streams vs llama.cpp's single stream", 2.0, "min", "x",
+    Target(10, "HTTP: 16 concurrent streams vs llama.cpp's single stream", 2.0, "min", "x",
            "http_16", "llama_tps", beside="{http_16} vs {llama_tps} tok/s"),
-    Target(6, "RSS of the server once ready", 450.0, "max", "MiB", "rss_ready"),
-    Target(6, "Peak RSS of the server, 16 concurrent ~1,000-token prompts", 1024.0, "max", "MiB",
+    Target(10, "RSS of the server once ready", 450.0, "max", "MiB", "rss_ready"),
+    Target(10, "Peak RSS of the server, 16 concurrent ~1,000-token prompts", 1024.0, "max", "MiB",
            "rss_peak"),
+    Target(10, "The same with `--kv-cache-dtype float16`", 1024.0, "max", "MiB", "rss_peak_f16"),
 ]  # fmt: skip
 
 

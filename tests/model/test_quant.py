@@ -387,3 +387,23 @@ def test_c_decode_step_equals_the_module_path(hf_checkpoint, tmp_path):
         results.append((torch.cat(logits), cache.k.float().clone(), cache.v.float().clone()))
     for got, expected in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("weights,kinds", [("int8", {"q8"}), ("int4", {"q4", "q8"})])
+def test_float_checkpoint_quantized_on_load(hf_checkpoint, weights, kinds):
+    """--weights int8/int4 quantize a float checkpoint's linear layers (embeddings and
+    output layer to 8 bits); logits stay near the float model's."""
+    from model.loading import load_hf_dir
+
+    ckpt = hf_checkpoint("llama", n_kv_head=2, n_embd=64)
+    floats, _ = load_hf_dir(ckpt.path)
+    quant, _ = load_hf_dir(ckpt.path, weights=weights)
+    layers = quant.quantized_layers()
+    assert {layer.kind for layer in layers} == kinds
+    assert len(layers) == 4 * quant.config.n_layer + 1 + (not quant.config.tie_embeddings)
+    ids = [5, 61, 33, 7, 90, 14, 2, 48]
+    batch = ForwardBatch.build([ids], logits_rows=[list(range(len(ids)))])
+    with torch.no_grad():
+        a, b = quant(batch), floats(batch)
+    rel = (a - b).norm() / b.norm()
+    assert 0 < rel < (0.02 if weights == "int8" else 0.5)  # a random tiny model: 4 bits move it

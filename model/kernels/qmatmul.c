@@ -124,9 +124,37 @@ ROW_KERNEL(row_q8_2, int8_t, decode_q8, QK, Q8_ORDER, 2)
 ROW_KERNEL(row_q8_3, int8_t, decode_q8, QK, Q8_ORDER, 3)
 ROW_KERNEL(row_q8_4, int8_t, decode_q8, QK, Q8_ORDER, 4)
 
+/* Two weight rows against one row of x: each x load serves both, and the two rows'
+ * sums are independent chains (a batch-1 decode is bound by the decoding of blocks). */
+#define ROW2_KERNEL(NAME, QTYPE, DECODE, BYTES, ORDER)                                   \
+    static inline void NAME(const float *x, int64_t K, const QTYPE *qa, const QTYPE *qb, \
+                            const float *da, const float *db, float out[2]) {            \
+        const int64_t nb = K / QK;                                                       \
+        __m256 acca = _mm256_setzero_ps(), accb = _mm256_setzero_ps();                   \
+        for (int64_t b = 0; b < nb; b++) {                                               \
+            __m256 wa[4], wb[4];                                                         \
+            DECODE(qa + b * (BYTES), wa);                                                \
+            DECODE(qb + b * (BYTES), wb);                                                \
+            const float *xb = x + b * QK;                                                \
+            __m256 xc = _mm256_loadu_ps(xb + ORDER[0]);                                  \
+            __m256 ta = _mm256_mul_ps(wa[0], xc), tb = _mm256_mul_ps(wb[0], xc);         \
+            for (int c = 1; c < 4; c++) {                                                \
+                xc = _mm256_loadu_ps(xb + ORDER[c]);                                     \
+                ta = _mm256_fmadd_ps(wa[c], xc, ta);                                     \
+                tb = _mm256_fmadd_ps(wb[c], xc, tb);                                     \
+            }                                                                            \
+            acca = _mm256_fmadd_ps(_mm256_set1_ps(da[b]), ta, acca);                     \
+            accb = _mm256_fmadd_ps(_mm256_set1_ps(db[b]), tb, accb);                     \
+        }                                                                                \
+        out[0] = hsum(acca);                                                             \
+        out[1] = hsum(accb);                                                             \
+    }
+ROW2_KERNEL(row2_q4, uint8_t, decode_q4, QK / 2, Q4_ORDER)
+ROW2_KERNEL(row2_q8, int8_t, decode_q8, QK, Q8_ORDER)
+
 #define ROW_DISPATCH(NAME, QTYPE, PREFIX)                                               \
     static void NAME(const float *x, int64_t mt, int64_t K, const QTYPE *qrow,         \
-                     const float *drow, float out[MT]) {                                \
+                     const float *drow, float *out) {                                \
         switch (mt) {                                                                   \
         case 1: PREFIX##_1(x, K, qrow, drow, out); break;                               \
         case 2: PREFIX##_2(x, K, qrow, drow, out); break;                               \
@@ -137,8 +165,14 @@ ROW_KERNEL(row_q8_4, int8_t, decode_q8, QK, Q8_ORDER, 4)
 ROW_DISPATCH(row_q4, uint8_t, row_q4)
 ROW_DISPATCH(row_q8, int8_t, row_q8)
 #else
+#define ROW2_GENERIC(NAME, QTYPE, ROW)                                                   \
+    static void NAME(const float *x, int64_t K, const QTYPE *qa, const QTYPE *qb,       \
+                     const float *da, const float *db, float out[2]) {                   \
+        ROW(x, 1, K, qa, da, out);                                                       \
+        ROW(x, 1, K, qb, db, out + 1);                                                   \
+    }
 static void row_q4(const float *x, int64_t mt, int64_t K, const uint8_t *qrow,
-                   const float *drow, float out[MT]) {
+                   const float *drow, float *out) {
     const int64_t nb = K / QK;
     for (int64_t i = 0; i < mt; i++) {
         float acc = 0.f;
@@ -155,7 +189,7 @@ static void row_q4(const float *x, int64_t mt, int64_t K, const uint8_t *qrow,
 }
 
 static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
-                   const float *drow, float out[MT]) {
+                   const float *drow, float *out) {
     const int64_t nb = K / QK;
     for (int64_t i = 0; i < mt; i++) {
         float acc = 0.f;
@@ -169,6 +203,8 @@ static void row_q8(const float *x, int64_t mt, int64_t K, const int8_t *qrow,
         out[i] = acc;
     }
 }
+ROW2_GENERIC(row2_q4, uint8_t, row_q4)
+ROW2_GENERIC(row2_q8, int8_t, row_q8)
 #endif
 
 static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
@@ -187,7 +223,7 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
 
 /* accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T.
  * Returns 0, or -1 when the scratch for the block sums cannot be allocated. */
-#define GEMM(NAME, QTYPE, ROW, BYTES)                                                   \
+#define GEMM(NAME, QTYPE, ROW, ROW2, BYTES, PAIRS)                                      \
     int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const float *d,      \
              const float *m, int64_t N, float *y, int accumulate) {                     \
         const int64_t nb = K / QK;                                                      \
@@ -196,6 +232,26 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
             xs = (float *)malloc(sizeof(float) * (size_t)(M * nb));                     \
             if (!xs) return -1;                                                         \
             block_sums(x, M, K, xs);                                                    \
+        }                                                                               \
+        if (PAIRS && M == 1) {                                                          \
+            _Pragma("omp parallel for schedule(static)")                                \
+            for (int64_t p = 0; p < (N + 1) / 2; p++) {                                 \
+                const int64_t n = 2 * p, two = n + 1 < N;                               \
+                float out[2];                                                           \
+                if (two)                                                                \
+                    ROW2(x, K, q + n * nb * (BYTES), q + (n + 1) * nb * (BYTES),        \
+                         d + n * nb, d + (n + 1) * nb, out);                            \
+                else                                                                    \
+                    ROW(x, 1, K, q + n * nb * (BYTES), d + n * nb, out);                \
+                for (int64_t r = 0; r <= two; r++) {                                    \
+                    float v = out[r];                                                   \
+                    if (m) v += min_term(m + (n + r) * nb, xs, nb);                     \
+                    if (accumulate) y[n + r] += v;                                      \
+                    else y[n + r] = v;                                                  \
+                }                                                                       \
+            }                                                                           \
+            free(xs);                                                                   \
+            return 0;                                                                   \
         }                                                                               \
         _Pragma("omp parallel for schedule(static)")                                    \
         for (int64_t n = 0; n < N; n++) {                                               \
@@ -216,8 +272,9 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
         free(xs);                                                                       \
         return 0;                                                                       \
     }
-GEMM(qmm_q4, uint8_t, row_q4, QK / 2)
-GEMM(qmm_q8, int8_t, row_q8, QK)
+/* Pairs of rows pay for q4 (decoding dominates); q8 at batch 1 is bound by memory. */
+GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1)
+GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0)
 
 /* Dequantize whole rows to float32 (for large batches, which go to a float GEMM). */
 void qmm_dequant_q4(const uint8_t *q, const float *d, const float *m, int64_t N, int64_t K,

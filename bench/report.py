@@ -275,8 +275,9 @@ def llamacpp_section(results: R, images: Sequence[Path], doc: Path) -> str:
     figure = f"\n\n![{VS_LLAMACPP}]({os.path.relpath(plot[0], doc.parent)})" if plot else ""
     return (
         f"llama-cpp-python {lc.get('version', 'n/a')} ({built}) in a fresh process "
-        "(`python -m bench.llamacpp`), `Llama(n_threads=cores)` on the same GGUF, computing with "
-        "its Q4_1 blocks where gptserve dequantizes to float32, given the token ids of the same "
+        "(`python -m bench.llamacpp`), `Llama(n_threads=cores)` on the same GGUF. Both compute "
+        "on its Q4_1 blocks; llama.cpp also rounds activations to 8 bits for its dot products, "
+        "gptserve keeps them float32 (so their greedy tokens drift apart). Given the token ids of the same "
         "prompts the HTTP sweep sends at concurrency 1 (a warm-up prompt, then one per "
         f"repetition), greedy, {num(med(lc.get('new_tokens')))} new tokens, end-of-sequence "
         "ignored. It ran right before the HTTP sweep. Prompt evaluation is the call to its first "
@@ -475,8 +476,8 @@ gptserve-bench --base-url http://127.0.0.1:8081 --model SmolLM2-135M-Instruct \\
     --concurrency 1,2,4,8,16,32 --out bench/results/llama-server.json --plots bench/results --plot-prefix llama-server
 ```
 
-llama.cpp computes with the Q4_1 weights as they are, where gptserve dequantizes to float32 at
-load, so it reads about a sixth of the bytes per token: compare with that in mind.
+Both keep the Q4_1 blocks; llama.cpp rounds activations to 8 bits for its integer dot
+products, gptserve computes with float32 activations (the exact path): compare with that in mind.
 
 ### GPU check
 

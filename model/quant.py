@@ -34,9 +34,16 @@ WeightsMode = Literal["auto", "float", "int8", "int4"]
 WEIGHTS_MODES: tuple[WeightsMode, ...] = ("auto", "float", "int8", "int4")
 QUANTIZE_TO: dict[str, Kind] = {"int8": "q8", "int4": "q4"}  # modes that quantize float weights
 
-# Rows of x up to which the kernels beat dequantize-then-matmul (see docs/benchmarks.md);
-# past it the weight is dequantized once per call and the float GEMM does the work.
-DIRECT_MAX_ROWS = 16
+# Rows of x up to which the kernels beat dequantize-then-matmul: measured on an AVX2
+# CPU (docs/benchmarks.md), the crossover is near 64 rows for 576-wide inputs and near
+# 32 for 1536-wide ones; past it the weight is dequantized and the float GEMM does the work.
+DIRECT_MAX_ROWS = 64
+DIRECT_MAX_ROWS_WIDE = 32  # inputs wider than WIDE_INPUT
+WIDE_INPUT = 1024
+
+
+def direct_max_rows(in_features: int) -> int:
+    return DIRECT_MAX_ROWS_WIDE if in_features > WIDE_INPUT else DIRECT_MAX_ROWS
 
 _NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)
 
@@ -133,7 +140,7 @@ class QuantLinear(nn.Module):
         kernels = load_kernels()
         direct = (
             kernels is not None
-            and rows <= DIRECT_MAX_ROWS
+            and rows <= direct_max_rows(self.in_features)
             and x2.device.type == "cpu"
             and x2.dtype == torch.float32
         )

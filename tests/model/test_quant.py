@@ -110,10 +110,10 @@ def test_kernel_dequantize_is_bit_identical_to_torch(kernels, kind, monkeypatch)
     )
 
 
-@pytest.mark.parametrize("rows", [1, 7, 16, 17, 64])
+@pytest.mark.parametrize("rows", [1, 7, 16, 64, 65])
 @pytest.mark.parametrize("bias", [False, True])
 def test_quant_linear_on_every_path(rows, bias, monkeypatch):
-    """Direct kernel (<= DIRECT_MAX_ROWS rows), dequantize + GEMM (more rows), and no
+    """Direct kernel (<= direct_max_rows), dequantize + GEMM (more rows), and no
     kernels at all: the same products, residual add included."""
     w = random_weight("q4", 48, 96, with_min=True, seed=3)
     g = torch.Generator().manual_seed(rows)

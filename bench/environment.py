@@ -120,5 +120,23 @@ def header(argv: list[str], device: str = "cpu") -> dict[str, Any]:
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
+    """Results as JSON, with this machine's paths made portable (see ``portable``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    text = json.dumps(portable(json.loads(json.dumps(data, default=str))), indent=2)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def portable(value: Any) -> Any:
+    """Paths inside the checkout become relative to it; other absolute paths (the
+    virtualenv, a wheel cache) keep only their file name. Committed results then say
+    nothing about the machine's directories."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    if not isinstance(value, str):
+        return value
+    value = value.replace(f"{REPO}{os.sep}", "").replace(str(REPO), ".")
+    if value.startswith(os.sep) and " " not in value:
+        return Path(value).name
+    return value

@@ -20,7 +20,6 @@ Candidates PyTorch cannot run here are reported as such, not skipped silently.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bench.environment import header
+from bench.environment import header, write_json
 from model.kernels import cpu_flags
 from model.kernels import load as load_kernels
 from model.quant import QuantLinear, quantize
@@ -144,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     if args.json:
-        args.json.write_text(json.dumps(info, indent=1))
+        write_json(args.json, info)
     print(f"{isa()}, kernel build {info['kernel_build']}, {info['threads']} threads; "
           "median microseconds per call")  # fmt: skip
     print(table(results))

@@ -7,9 +7,8 @@ import math
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from model.sampling import SamplingRow
 from service.engine.output import TextAssembler
 from service.engine.scheduler import Seq
 from service.engine.types import (
@@ -23,6 +22,9 @@ from service.engine.types import (
     TokenOutOfVocabulary,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from model.sampling import SamplingRow
 
 
 @dataclass(eq=False)
@@ -92,6 +94,11 @@ def validate_request(request: GenerateRequest, vocab_size: int, max_model_len: i
 
 
 def sampling_row(seq: Seq) -> SamplingRow:
+    # Imported here: the HTTP layer imports this module for its checks, and PyTorch (which
+    # model.sampling needs) then loads in the background with the model, not before the
+    # server listens.
+    from model.sampling import SamplingRow
+
     st: RequestState = seq.state
     p = st.params
     row = SamplingRow(

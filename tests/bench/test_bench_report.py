@@ -1,5 +1,6 @@
 """Targets read from a results dict, and the page rendered from it (missing parts included)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,3 +92,23 @@ def test_page_renders_every_section_and_flags_failures(tmp_path: Path):
     assert "[r.json](../bench/r.json)" in text
     assert "**no** (missed by 25%)" in text
     assert "not measured" in text
+
+
+def test_results_carry_no_machine_paths(tmp_path):
+    from bench.environment import REPO, write_json
+
+    out = tmp_path / "r.json"
+    write_json(
+        out,
+        {
+            "doc": str(REPO / "docs" / "benchmarks.md"),
+            "command": f"python -m bench.kernels --json {REPO}/docs/img/k.json",
+            "nested": [{"wheel": "/some/cache/wheels/x-1.0.whl"}],
+            "text": "a sentence / with a slash",
+        },
+    )
+    data = json.loads(out.read_text())
+    assert data["doc"] == "docs/benchmarks.md"
+    assert data["command"] == "python -m bench.kernels --json docs/img/k.json"
+    assert data["nested"][0]["wheel"] == "x-1.0.whl"
+    assert data["text"] == "a sentence / with a slash"

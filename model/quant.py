@@ -45,6 +45,7 @@ WIDE_INPUT = 1024
 def direct_max_rows(in_features: int) -> int:
     return DIRECT_MAX_ROWS_WIDE if in_features > WIDE_INPUT else DIRECT_MAX_ROWS
 
+
 _NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)
 
 

@@ -73,8 +73,15 @@ def test_oversized_body_with_and_without_content_length(server):
 
 
 def test_oversized_and_too_many_headers(server):
-    response = httpx.get(f"{server}/health", headers={"x-big": "a" * 65536})
-    assert 400 <= response.status_code < 500 and response.text  # h11 refuses the request head
+    try:
+        response = httpx.get(f"{server}/health", headers={"x-big": "a" * 65536})
+    except (httpx.ReadError, httpx.RemoteProtocolError, httpx.WriteError):
+        # h11 refuses the head after reading part of it; the server then answers 400 and
+        # closes with the rest of the head unread, and the kernel may turn that close into
+        # a reset that reaches the client before the answer does. Refused either way.
+        pass
+    else:
+        assert 400 <= response.status_code < 500 and response.text  # h11 refuses the head
     response = httpx.get(f"{server}/health", headers={f"x-h{i}": "v" for i in range(150)})
     assert _assert_4xx_error(response) == 431
     assert httpx.get(f"{server}/health").status_code == 200

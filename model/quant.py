@@ -49,6 +49,18 @@ def direct_max_rows(in_features: int) -> int:
 _NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)
 
 
+def pack_q4(values: Tensor) -> Tensor:
+    """(..., 32) values 0..15 per block -> (..., 16) bytes: value j low, value j + 16 high."""
+    return values[..., : QK // 2] | (values[..., QK // 2 :] << 4)
+
+
+def unpack_q4(qs: Tensor) -> Tensor:
+    """(N, nb * 16) q4 bytes -> (N, nb, 32) values 0..15, in order (inverse of ``pack_q4``)."""
+    n = qs.shape[0]
+    shifts = _NIBBLE_SHIFTS.to(qs.device).view(1, 1, 2, 1)
+    return ((qs.view(n, -1, 1, QK // 2) >> shifts) & 0x0F).reshape(n, -1, QK)
+
+
 @dataclass
 class QuantizedWeight:
     """An (N, K) weight in blocks of 32 along K (see the module docstring)."""
@@ -94,7 +106,7 @@ class QuantizedWeight:
             kernels.dequantize(QuantizedWeight(self.kind, qs, d, m), out)
             return out
         if self.kind == "q4":
-            q = (qs.view(n, nb, 1, QK // 2) >> _NIBBLE_SHIFTS.to(qs.device).view(1, 1, 2, 1)) & 0x0F
+            q = unpack_q4(qs)
         else:
             q = qs.view(n, nb, QK)
         w = q.reshape(n, nb, QK).float() * d.unsqueeze(-1)
@@ -103,27 +115,20 @@ class QuantizedWeight:
         return w.view(n, nb * QK)
 
 
-class QuantLinear(nn.Module):
-    """``nn.Linear`` over a ``QuantizedWeight``: y = x @ W^T (+ bias)."""
+class _QuantModule(nn.Module):
+    """Holds a ``QuantizedWeight`` as buffers (they move with .to(), never take gradients)."""
 
     qs: Tensor
     d: Tensor
     m: Tensor | None
 
-    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: QuantizedWeight) -> None:
         super().__init__()
         self.kind = weight.kind
-        self.out_features, self.in_features = weight.shape
-        # Buffers, not parameters: they move with .to() and never take gradients.
         self.register_buffer("qs", weight.qs, persistent=False)
         self.register_buffer("d", weight.d, persistent=False)
         self.register_buffer("m", weight.m, persistent=False)
         self._weight = weight
-        self.bias: nn.Parameter | None
-        if bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = nn.Parameter(bias, requires_grad=False)
 
     @property
     def weight_q(self) -> QuantizedWeight:
@@ -131,6 +136,19 @@ class QuantLinear(nn.Module):
         if w.qs is not self.qs or w.d is not self.d or w.m is not self.m:  # moved by .to()
             w = self._weight = QuantizedWeight(self.kind, self.qs, self.d, self.m)
         return w
+
+
+class QuantLinear(_QuantModule):
+    """``nn.Linear`` over a ``QuantizedWeight``: y = x @ W^T (+ bias)."""
+
+    def __init__(self, weight: QuantizedWeight, bias: Tensor | None = None) -> None:
+        super().__init__(weight)
+        self.out_features, self.in_features = weight.shape
+        self.bias: nn.Parameter | None
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """x @ W^T (+ bias); with ``residual`` (a contiguous (..., N) tensor) the
@@ -160,24 +178,9 @@ class QuantLinear(nn.Module):
         return f"{self.in_features}, {self.out_features}, kind={self.kind}"
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(_QuantModule):
     """Embedding rows dequantized on lookup; ``as_linear`` is the tied output layer,
     sharing the same storage."""
-
-    qs: Tensor
-    d: Tensor
-    m: Tensor | None
-
-    def __init__(self, weight: QuantizedWeight) -> None:
-        super().__init__()
-        self.kind = weight.kind
-        self.register_buffer("qs", weight.qs, persistent=False)
-        self.register_buffer("d", weight.d, persistent=False)
-        self.register_buffer("m", weight.m, persistent=False)
-
-    @property
-    def weight_q(self) -> QuantizedWeight:
-        return QuantizedWeight(self.kind, self.qs, self.d, self.m)
 
     def as_linear(self) -> QuantLinear:
         return QuantLinear(self.weight_q)
@@ -207,5 +210,5 @@ def quantize(w: Tensor, kind: Kind) -> QuantizedWeight:
     d = (hi - lo) / 15.0
     inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
     q = ((blocks - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
-    packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)  # (n, nb, 16)
+    packed = pack_q4(q)  # (n, nb, 16)
     return QuantizedWeight("q4", packed.reshape(n, k // 2), d.contiguous(), lo.contiguous())

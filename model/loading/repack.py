@@ -14,8 +14,15 @@ import torch
 from gguf import GGMLQuantizationType
 from torch import Tensor
 
-from model.loading.dequant import _f16, _high_bits, _k_scales, _low_nibbles_k, _split_nibbles
-from model.quant import QK, QuantizedWeight
+from model.loading.dequant import (
+    _BIT_SHIFTS,
+    _f16,
+    _high_bits,
+    _k_scales,
+    _low_nibbles_k,
+    _split_nibbles,
+)
+from model.quant import QK, QuantizedWeight, pack_q4, unpack_q4
 
 
 def _q4_0(b: Tensor, n: int) -> QuantizedWeight:  # d * (q - 8) = d * q + (-8 d), both exact
@@ -53,14 +60,13 @@ def _k_scales_mins(b: Tensor, n: int) -> tuple[Tensor, Tensor]:
 
 
 def _q4_k(b: Tensor, n: int) -> QuantizedWeight:
-    v = _low_nibbles_k(b[:, 16:])  # (blocks, 8, 32) values 0..15 in order
-    packed = v[..., : QK // 2] | (v[..., QK // 2 :] << 4)  # our layout: j low, j + 16 high
+    packed = pack_q4(_low_nibbles_k(b[:, 16:]))  # (blocks, 8, 16) in our layout
     d, m = _k_scales_mins(b, n)
     return QuantizedWeight("q4", packed.reshape(n, -1), d, m)
 
 
 def _q5_k(b: Tensor, n: int) -> QuantizedWeight:
-    qh = (b[:, 16:48].unsqueeze(1) >> torch.arange(8, dtype=torch.uint8).view(1, 8, 1)) & 1
+    qh = (b[:, 16:48].unsqueeze(1) >> _BIT_SHIFTS.view(1, 8, 1)) & 1
     q = (_low_nibbles_k(b[:, 48:]) | (qh << 4)).to(torch.int8)  # (blocks, 8, 32) 0..31
     d, m = _k_scales_mins(b, n)
     return QuantizedWeight("q8", q.reshape(n, -1), d, m)
@@ -100,9 +106,7 @@ def as_q8(w: QuantizedWeight) -> QuantizedWeight:
     if w.kind == "q8":
         return w
     n, nb = w.d.shape
-    q = (
-        w.qs.view(n, nb, 1, QK // 2) >> torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
-    ) & 0x0F
+    q = unpack_q4(w.qs)
     return QuantizedWeight("q8", q.reshape(n, nb * QK).to(torch.int8), w.d, w.m)
 
 

@@ -127,14 +127,19 @@ def section(state: State, name: str) -> Iterator[dict[str, Any]]:
 
 def run_child(module: str, **flags: Any) -> dict[str, Any]:
     """``python -m module --flag value ...`` in a fresh process; its stdout is one JSON object."""
+    result: dict[str, Any] = json.loads(run_child_text(module, **flags))
+    return result
+
+
+def run_child_text(module: str, **flags: Any) -> str:
+    """``python -m module --flag value ...`` in a fresh process; its stdout as text."""
     argv = [str(x) for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", value)]
     proc = subprocess.run(
         [sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     if proc.returncode != 0:
         raise RuntimeError(f"{module} exited with {proc.returncode}: {proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout)
-    return result
+    return proc.stdout.strip()
 
 
 def load_section(state: State) -> None:
@@ -363,17 +368,6 @@ def kernels_section(state: State) -> None:
         run_json = run_child_text("bench.kernels", reps=state.opts.kernel_reps, json=path)
         out.update(json.loads(path.read_text(encoding="utf-8")))
         out["table"] = run_json.split("\n", 1)[1] if "\n" in run_json else run_json
-
-
-def run_child_text(module: str, **flags: Any) -> str:
-    """``python -m module --flag value ...``; its stdout as text."""
-    argv = [str(x) for name, value in flags.items() for x in (f"--{name.replace('_', '-')}", value)]
-    proc = subprocess.run(
-        [sys.executable, "-m", module, *argv], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"{module} exited with {proc.returncode}: {proc.stderr[-2000:]}")
-    return proc.stdout.strip()
 
 
 async def bounded_load(spec: LoadSpec, timeout_s: float) -> int | None:

@@ -44,6 +44,10 @@ class Prometheus:
                 last = check()
             except httpx.TransportError as exc:
                 last = exc
+            except httpx.HTTPStatusError as exc:  # 503 while its storage starts: not up yet
+                if exc.response.status_code != 503:
+                    raise
+                last = exc
             else:
                 if last:
                     return last

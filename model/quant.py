@@ -34,16 +34,16 @@ WeightsMode = Literal["auto", "float", "int8", "int4"]
 WEIGHTS_MODES: tuple[WeightsMode, ...] = ("auto", "float", "int8", "int4")
 QUANTIZE_TO: dict[str, Kind] = {"int8": "q8", "int4": "q4"}  # modes that quantize float weights
 
-# Rows of x up to which the kernels beat dequantize-then-matmul: measured on an AVX2
-# CPU (docs/benchmarks.md), the crossover is near 64 rows for 576-wide inputs and near
-# 32 for 1536-wide ones; past it the weight is dequantized and the float GEMM does the work.
-DIRECT_MAX_ROWS = 64
-DIRECT_MAX_ROWS_WIDE = 32  # inputs wider than WIDE_INPUT
-WIDE_INPUT = 1024
+# Rows of x up to which the kernels beat dequantize-then-matmul. With the tiled
+# kernel for batches (a tile of weight rows dequantized once, then register tiles of
+# 4 x 3 dot products), measured on an AVX2 CPU (docs/benchmarks.md, bench/kernels.py):
+# ~1.5-2x MKL's GEMM on dequantized weights at 64 rows, even near 128, behind from 256.
+DIRECT_MAX_ROWS = 128
 
 
 def direct_max_rows(in_features: int) -> int:
-    return DIRECT_MAX_ROWS_WIDE if in_features > WIDE_INPUT else DIRECT_MAX_ROWS
+    del in_features  # one crossover for every width the tiled kernel was measured at
+    return DIRECT_MAX_ROWS
 
 
 _NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)

@@ -207,6 +207,129 @@ ROW2_GENERIC(row2_q4, uint8_t, row_q4)
 ROW2_GENERIC(row2_q8, int8_t, row_q8)
 #endif
 
+#if QMM_AVX2
+/* ---------------------------------------------------------------------------------
+ * Batches of rows: a tile of weight rows is dequantized once into a per-thread float
+ * buffer (exactly d * q + m, as qmm_dequant_* computes it) and multiplied by register
+ * tiles of MT_ rows of x by NT_ rows of W, so the decoding of a block is paid once per
+ * tile rather than once per group of rows, and each loaded vector feeds several FMAs.
+ */
+#define TILE_BYTES (96 * 1024) /* dequantized rows per tile: about this many bytes */
+
+static __thread float *tile_buf;
+static __thread size_t tile_cap;
+
+static float *tile_scratch(size_t n) {
+    if (n > tile_cap) {
+        free(tile_buf);
+        tile_buf = (float *)aligned_alloc(64, ((n * sizeof(float) + 63) / 64) * 64);
+        tile_cap = tile_buf ? n : 0;
+    }
+    return tile_buf;
+}
+
+static void dequant_rows_q4(const uint8_t *q, const float *d, const float *m, int64_t rows,
+                            int64_t nb, float *w) {
+    for (int64_t b = 0; b < rows * nb; b++) {
+        __m256 v[4];
+        decode_q4(q + b * (QK / 2), v);
+        const __m256 db = _mm256_set1_ps(d[b]);
+        for (int c = 0; c < 4; c++) {
+            __m256 r = _mm256_mul_ps(v[c], db);
+            if (m) r = _mm256_add_ps(r, _mm256_set1_ps(m[b]));
+            _mm256_storeu_ps(w + b * QK + Q4_ORDER[c], r);
+        }
+    }
+}
+
+static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int64_t rows,
+                            int64_t nb, float *w) {
+    for (int64_t b = 0; b < rows * nb; b++) {
+        __m256 v[4];
+        decode_q8(q + b * QK, v);
+        const __m256 db = _mm256_set1_ps(d[b]);
+        for (int c = 0; c < 4; c++) {
+            __m256 r = _mm256_mul_ps(v[c], db);
+            if (m) r = _mm256_add_ps(r, _mm256_set1_ps(m[b]));
+            _mm256_storeu_ps(w + b * QK + Q8_ORDER[c], r);
+        }
+    }
+}
+
+/* y[i, j] (+)= x[i] . w[j] for MT_ rows of x (K apart) and NT_ rows of w (K apart). */
+#define MICRO(MT_, NT_)                                                                 \
+    static void micro_##MT_##_##NT_(const float *x, const float *w, int64_t K, float *y, \
+                                    int64_t ldy, int accumulate) {                      \
+        __m256 acc[MT_][NT_];                                                           \
+        for (int i = 0; i < MT_; i++)                                                   \
+            for (int j = 0; j < NT_; j++) acc[i][j] = _mm256_setzero_ps();              \
+        for (int64_t k = 0; k < K; k += 8) {                                            \
+            __m256 wv[NT_];                                                             \
+            for (int j = 0; j < NT_; j++) wv[j] = _mm256_loadu_ps(w + j * K + k);       \
+            for (int i = 0; i < MT_; i++) {                                             \
+                const __m256 xv = _mm256_loadu_ps(x + i * K + k);                       \
+                for (int j = 0; j < NT_; j++)                                           \
+                    acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);                  \
+            }                                                                           \
+        }                                                                               \
+        for (int i = 0; i < MT_; i++)                                                   \
+            for (int j = 0; j < NT_; j++) {                                             \
+                const float s = hsum(acc[i][j]);                                        \
+                if (accumulate) y[i * ldy + j] += s;                                    \
+                else y[i * ldy + j] = s;                                                \
+            }                                                                           \
+    }
+MICRO(4, 3)
+MICRO(3, 3)
+MICRO(2, 3)
+MICRO(1, 3)
+MICRO(4, 1)
+MICRO(3, 1)
+MICRO(2, 1)
+MICRO(1, 1)
+
+typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t, int);
+static const micro_fn MICRO3[5] = {NULL, micro_1_3, micro_2_3, micro_3_3, micro_4_3};
+static const micro_fn MICRO1[5] = {NULL, micro_1_1, micro_2_1, micro_3_1, micro_4_1};
+
+/* Returns 0, or -1 when a thread's tile buffer cannot be allocated. */
+#define TILED(NAME, QTYPE, DEQUANT, BYTES)                                              \
+    static int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const float *d, \
+                    const float *m, int64_t N, float *y, int accumulate) {              \
+        const int64_t nb = K / QK;                                                      \
+        int64_t tr = TILE_BYTES / (K * (int64_t)sizeof(float));                         \
+        tr = tr < 3 ? 3 : tr - tr % 3;                                                  \
+        const int64_t ntiles = (N + tr - 1) / tr;                                       \
+        int failed = 0;                                                                 \
+        _Pragma("omp parallel for schedule(static)")                                    \
+        for (int64_t t = 0; t < ntiles; t++) {                                          \
+            float *wt = tile_scratch((size_t)(tr * K));                                 \
+            if (!wt) {                                                                  \
+                failed = 1;                                                             \
+                continue;                                                               \
+            }                                                                           \
+            const int64_t n0 = t * tr, nr = N - n0 < tr ? N - n0 : tr;                  \
+            DEQUANT(q + n0 * nb * (BYTES), d + n0 * nb, m ? m + n0 * nb : NULL, nr, nb, wt); \
+            for (int64_t j0 = 0; j0 < nr; j0 += 3) {                                    \
+                const int64_t nt = nr - j0 < 3 ? nr - j0 : 3;                           \
+                for (int64_t i0 = 0; i0 < M; i0 += 4) {                                 \
+                    const int64_t mt = M - i0 < 4 ? M - i0 : 4;                         \
+                    float *yt = y + i0 * N + n0 + j0;                                   \
+                    if (nt == 3)                                                        \
+                        MICRO3[mt](x + i0 * K, wt + j0 * K, K, yt, N, accumulate);      \
+                    else                                                                \
+                        for (int64_t j = 0; j < nt; j++)                                \
+                            MICRO1[mt](x + i0 * K, wt + (j0 + j) * K, K, yt + j, N,     \
+                                       accumulate);                                     \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        return failed ? -1 : 0;                                                         \
+    }
+TILED(tiled_q4, uint8_t, dequant_rows_q4, QK / 2)
+TILED(tiled_q8, int8_t, dequant_rows_q8, QK)
+#endif
+
 static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
     int64_t b = 0;
     float s = 0.f;
@@ -223,10 +346,12 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
 
 /* accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T.
  * Returns 0, or -1 when the scratch for the block sums cannot be allocated. */
-#define GEMM(NAME, QTYPE, ROW, ROW2, BYTES, PAIRS)                                      \
+#define GEMM(NAME, QTYPE, ROW, ROW2, BYTES, PAIRS, TILED_CALL)                                      \
     int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const float *d,      \
              const float *m, int64_t N, float *y, int accumulate) {                     \
         const int64_t nb = K / QK;                                                      \
+        if (TILED_FN && M >= tiled_min_rows)                                             \
+            return TILED_CALL(x, M, K, q, d, m, N, y, accumulate);                      \
         float *xs = NULL;                                                               \
         if (m) {                                                                        \
             xs = (float *)malloc(sizeof(float) * (size_t)(M * nb));                     \
@@ -273,8 +398,24 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
         return 0;                                                                       \
     }
 /* Pairs of rows pay for q4 (decoding dominates); q8 at batch 1 is bound by memory. */
-GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1)
-GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0)
+#if QMM_AVX2
+#define TILED_FN 1
+#else
+#define TILED_FN 0
+#define tiled_q4(...) 0
+#define tiled_q8(...) 0
+#endif
+/* Rows of x from which the tiled path beats the row kernels (measured: bench/kernels.py). */
+static int64_t tiled_min_rows = 4;
+/* For tests and measurements: move the crossover (rows <= 0 turns the tiled path off);
+ * returns the previous value. */
+int64_t qmm_set_tiled_min_rows(int64_t rows) {
+    const int64_t previous = tiled_min_rows;
+    tiled_min_rows = rows > 0 ? rows : INT64_MAX;
+    return previous;
+}
+GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1, tiled_q4)
+GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0, tiled_q8)
 
 /* Dequantize whole rows to float32 (for large batches, which go to a float GEMM). */
 void qmm_dequant_q4(const uint8_t *q, const float *d, const float *m, int64_t N, int64_t K,

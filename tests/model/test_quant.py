@@ -84,19 +84,27 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, 
     "kind,with_min", [("q4", True), ("q4", False), ("q8", False), ("q8", True)]
 )
 @pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (130, 576)])
-@pytest.mark.parametrize("rows", [1, 7, 64])
-def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, n, k, rows):
-    w = random_weight(kind, n, k, with_min)
-    g = torch.Generator().manual_seed(n * k + rows)
-    x = torch.randn(rows, k, generator=g)
-    out = torch.empty(rows, n)
-    kernels.matmul(x, w, out, accumulate=False)
-    assert_matmul_close(out, x, w)
-    # accumulate: the product is added to what the output holds (the residual add)
-    residual = torch.randn(rows, n, generator=g)
-    acc = residual.clone()
-    kernels.matmul(x, w, acc, accumulate=True)
-    assert_matmul_close(acc, x, w, base=residual)
+@pytest.mark.parametrize("rows", [1, 4, 7, 64])
+@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
+def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, n, k, rows, tiled):
+    """Both batch paths of each build: the row kernels, and (AVX2) the tiled one that
+    dequantizes a tile of weight rows and multiplies 4 x 3 register tiles; the shapes
+    leave remainders in rows of x, rows of W and vector lanes."""
+    previous = kernels.lib.qmm_set_tiled_min_rows(1 if tiled else 0)
+    try:
+        w = random_weight(kind, n, k, with_min)
+        g = torch.Generator().manual_seed(n * k + rows)
+        x = torch.randn(rows, k, generator=g)
+        out = torch.empty(rows, n)
+        kernels.matmul(x, w, out, accumulate=False)
+        assert_matmul_close(out, x, w)
+        # accumulate: the product is added to what the output holds (the residual add)
+        residual = torch.randn(rows, n, generator=g)
+        acc = residual.clone()
+        kernels.matmul(x, w, acc, accumulate=True)
+        assert_matmul_close(acc, x, w, base=residual)
+    finally:
+        kernels.lib.qmm_set_tiled_min_rows(previous)
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
@@ -110,7 +118,7 @@ def test_kernel_dequantize_is_bit_identical_to_torch(kernels, kind, monkeypatch)
     )
 
 
-@pytest.mark.parametrize("rows", [1, 7, 16, 64, 65])
+@pytest.mark.parametrize("rows", [1, 7, 16, 128, 129])
 @pytest.mark.parametrize("bias", [False, True])
 def test_quant_linear_on_every_path(rows, bias, monkeypatch):
     """Direct kernel (<= direct_max_rows), dequantize + GEMM (more rows), and no

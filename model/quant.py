@@ -2,7 +2,8 @@
 
 A ``QuantizedWeight`` holds an (N, K) matrix as blocks of 32 values along K,
 each block ``d * q + m`` with float32 ``d`` and ``m`` (``m`` absent for
-symmetric formats). Two storage kinds cover the GGUF types we keep and our own
+symmetric formats), kept as float16 where every scale is exactly a float16
+(``compact_scales``: GGUF's Q4_0, Q4_1, Q8_0, Q5_0 and Q5_1 store them so). Two storage kinds cover the GGUF types we keep and our own
 weight-only quantization of float checkpoints:
 
 - ``q4``: 16 bytes per block, byte j holding value j (low nibble) and value
@@ -67,8 +68,8 @@ class QuantizedWeight:
 
     kind: Kind
     qs: Tensor  # q4: (N, K // 2) uint8; q8: (N, K) int8
-    d: Tensor  # (N, K // 32) float32
-    m: Tensor | None  # (N, K // 32) float32, or None: symmetric
+    d: Tensor  # (N, K // 32) float32 or float16
+    m: Tensor | None  # (N, K // 32), d's dtype, or None: symmetric
 
     def __post_init__(self) -> None:
         n, nb = self.d.shape
@@ -80,6 +81,10 @@ class QuantizedWeight:
                 f"inconsistent {self.kind} weight: qs {tuple(self.qs.shape)}, "
                 f"d {tuple(self.d.shape)}"
             )
+        if self.d.dtype not in (torch.float32, torch.float16) or (
+            self.m is not None and self.m.dtype != self.d.dtype
+        ):
+            raise ValueError(f"{self.kind} scales must be float32 or float16, d and m alike")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -109,10 +114,25 @@ class QuantizedWeight:
             q = unpack_q4(qs)
         else:
             q = qs.view(n, nb, QK)
-        w = q.reshape(n, nb, QK).float() * d.unsqueeze(-1)
+        w = q.reshape(n, nb, QK).float() * d.float().unsqueeze(-1)
         if m is not None:
-            w = w + m.unsqueeze(-1)
+            w = w + m.float().unsqueeze(-1)
         return w.view(n, nb * QK)
+
+
+def compact_scales(w: QuantizedWeight) -> QuantizedWeight:
+    """``w`` with float16 scales when every scale is exactly a float16, else ``w``.
+
+    The values do not change; a q4 block then takes 20 bytes instead of 24 (18 with
+    no ``m``), and a batch-1 decode, which streams every weight once per token, reads
+    that much less."""
+    if w.d.dtype == torch.float16:
+        return w
+    scales = [w.d] if w.m is None else [w.d, w.m]
+    halves = [t.to(torch.float16) for t in scales]
+    if not all(torch.equal(h.float(), t) for h, t in zip(halves, scales, strict=True)):
+        return w
+    return QuantizedWeight(w.kind, w.qs, halves[0], halves[1] if w.m is not None else None)
 
 
 class _QuantModule(nn.Module):

@@ -97,7 +97,7 @@ class Kernels:
         fn = self.lib.qmm_q4 if w.kind == "q4" else self.lib.qmm_q8
         status = fn(
             x.data_ptr(), m, k, w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n,
-            out.data_ptr(), int(accumulate),
+            out.data_ptr(), int(accumulate), _f16(w),
         )  # fmt: skip
         if status:
             raise MemoryError("quantized matmul: out of memory")
@@ -105,7 +105,7 @@ class Kernels:
     def dequantize(self, w: QuantizedWeight, out: torch.Tensor) -> None:
         n, nb = w.d.shape
         fn = self.lib.qmm_dequant_q4 if w.kind == "q4" else self.lib.qmm_dequant_q8
-        fn(w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n, nb * 32, out.data_ptr())
+        fn(w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n, nb * 32, out.data_ptr(), _f16(w))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x = x.contiguous()
@@ -176,6 +176,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _f16(w: QuantizedWeight) -> int:
+    """1 when the weight's scales are float16 (else float32)."""
+    return int(w.d.dtype == torch.float16)
+
+
 class QWeightC(ctypes.Structure):
     _fields_ = [
         ("q", ctypes.c_void_p),
@@ -184,6 +189,7 @@ class QWeightC(ctypes.Structure):
         ("n", ctypes.c_int64),
         ("k", ctypes.c_int64),
         ("kind", ctypes.c_int32),
+        ("f16", ctypes.c_int32),
     ]
 
 
@@ -216,7 +222,7 @@ class DecodePlan:
 def qweight_struct(w: QuantizedWeight) -> QWeightC:
     n, nb = w.d.shape
     return QWeightC(
-        w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n, nb * 32, 0 if w.kind == "q4" else 1
+        w.qs.data_ptr(), w.d.data_ptr(), _ptr(w.m), n, nb * 32, 0 if w.kind == "q4" else 1, _f16(w)
     )
 
 
@@ -311,13 +317,13 @@ def _bind(lib: ctypes.CDLL) -> None:
     c_int, c_float = ctypes.c_int, ctypes.c_float
     for name in ("qmm_q4", "qmm_q8"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, i, i, p, p, p, i, p, c_int]
+        fn.argtypes = [p, i, i, p, p, p, i, p, c_int, c_int]
         fn.restype = ctypes.c_int
     lib.qmm_set_tiled_min_rows.argtypes = [i]
     lib.qmm_set_tiled_min_rows.restype = i
     for name in ("qmm_dequant_q4", "qmm_dequant_q8"):
         fn = getattr(lib, name)
-        fn.argtypes = [p, p, p, i, i, p]
+        fn.argtypes = [p, p, p, i, i, p, c_int]
         fn.restype = None
     signatures: dict[str, list[Any]] = {
         "qmm_decode_layers": [

@@ -22,7 +22,7 @@ from model.loading.dequant import (
     _low_nibbles_k,
     _split_nibbles,
 )
-from model.quant import QK, QuantizedWeight, pack_q4, unpack_q4
+from model.quant import QK, QuantizedWeight, compact_scales, pack_q4, unpack_q4
 
 
 def _q4_0(b: Tensor, n: int) -> QuantizedWeight:  # d * (q - 8) = d * q + (-8 d), both exact
@@ -88,11 +88,13 @@ def repack(blocks: Tensor, qtype: GGMLQuantizationType, rows: int) -> QuantizedW
     """``blocks``: the raw (n_blocks, type_size) bytes of a tensor with ``rows`` rows."""
     weight = _REPACKERS[qtype](blocks, rows)
     # Own, contiguous storage: nothing may keep the memory-mapped file alive.
-    return QuantizedWeight(
-        weight.kind,
-        weight.qs.contiguous().clone(),
-        weight.d.contiguous().clone(),
-        None if weight.m is None else weight.m.contiguous().clone(),
+    return compact_scales(
+        QuantizedWeight(
+            weight.kind,
+            weight.qs.contiguous().clone(),
+            weight.d.contiguous().clone(),
+            None if weight.m is None else weight.m.contiguous().clone(),
+        )
     )
 
 
@@ -117,9 +119,14 @@ def join_rows(parts: list[QuantizedWeight]) -> QuantizedWeight:
     kind = common_kind({p.kind for p in parts})
     if kind == "q8":
         parts = [as_q8(p) for p in parts]
+    # Scales join in float32 (exact for both dtypes), then go back to float16 if they all fit.
     m = None
     if any(p.m is not None for p in parts):
-        m = torch.cat([torch.zeros_like(p.d) if p.m is None else p.m for p in parts])
-    return QuantizedWeight(
-        parts[0].kind, torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m
-    )
+        m = torch.cat(
+            [
+                torch.zeros_like(p.d, dtype=torch.float32) if p.m is None else p.m.float()
+                for p in parts
+            ]
+        )
+    d = torch.cat([p.d.float() for p in parts])
+    return compact_scales(QuantizedWeight(parts[0].kind, torch.cat([p.qs for p in parts]), d, m))

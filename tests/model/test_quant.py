@@ -46,7 +46,10 @@ def kernels(request) -> Kernels:
     return _build(request.param)
 
 
-def random_weight(kind: str, n: int, k: int, with_min: bool, seed: int = 0) -> QuantizedWeight:
+def random_weight(
+    kind: str, n: int, k: int, with_min: bool, seed: int = 0, f16: bool = False
+) -> QuantizedWeight:
+    """Random blocks; ``f16``: float16 scales (as GGUF's Q4_0, Q4_1, Q8_0 keep them)."""
     g = torch.Generator().manual_seed(seed)
     nb = k // QK
     if kind == "q4":
@@ -55,6 +58,9 @@ def random_weight(kind: str, n: int, k: int, with_min: bool, seed: int = 0) -> Q
         qs = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
     d = torch.rand(n, nb, generator=g) * 0.02
     m = (torch.rand(n, nb, generator=g) - 0.5) * 0.1 if with_min else None
+    if f16:
+        d = d.half()
+        m = None if m is None else m.half()
     return QuantizedWeight(kind, qs, d, m)  # type: ignore[arg-type]
 
 
@@ -81,18 +87,26 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, 
 
 
 @pytest.mark.parametrize(
-    "kind,with_min", [("q4", True), ("q4", False), ("q8", False), ("q8", True)]
+    "kind,with_min,f16",
+    [
+        ("q4", True, False),
+        ("q4", False, False),
+        ("q8", False, False),
+        ("q8", True, False),
+        ("q4", True, True),
+        ("q8", False, True),
+    ],
 )
 @pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (130, 576)])
 @pytest.mark.parametrize("rows", [1, 4, 7, 64])
 @pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
-def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, n, k, rows, tiled):
+def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k, rows, tiled):
     """Both batch paths of each build: the row kernels, and (AVX2) the tiled one that
     dequantizes a tile of weight rows and multiplies 4 x 3 register tiles; the shapes
     leave remainders in rows of x, rows of W and vector lanes."""
     previous = kernels.lib.qmm_set_tiled_min_rows(1 if tiled else 0)
     try:
-        w = random_weight(kind, n, k, with_min)
+        w = random_weight(kind, n, k, with_min, f16=f16)
         g = torch.Generator().manual_seed(n * k + rows)
         x = torch.randn(rows, k, generator=g)
         out = torch.empty(rows, n)
@@ -108,8 +122,9 @@ def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, n, k, row
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
-def test_kernel_dequantize_is_bit_identical_to_torch(kernels, kind, monkeypatch):
-    w = random_weight(kind, 19, 160, with_min=True)
+@pytest.mark.parametrize("f16", [False, True])
+def test_kernel_dequantize_is_bit_identical_to_torch(kernels, kind, f16, monkeypatch):
+    w = random_weight(kind, 19, 160, with_min=True, f16=f16)
     out = torch.empty(19, 160)
     kernels.dequantize(w, out)
     monkeypatch.setattr("model.quant.load_kernels", lambda: None)
@@ -165,7 +180,10 @@ def test_repacked_blocks_dequantize_to_the_reference_values(qtype):
     rows, cols = 5, 512
     blocks = random_blocks(qtype, rows, cols)
     expected = dequantize(blocks.reshape(-1), qtype, (rows, cols))
-    got = repack(blocks, qtype, rows).dequantize()
+    weight = repack(blocks, qtype, rows)
+    if qtype in (Q.Q4_0, Q.Q4_1, Q.Q8_0, Q.Q5_0, Q.Q5_1):  # the file's float16 scales, kept
+        assert weight.d.dtype == torch.float16
+    got = weight.dequantize()
     # equal values; bit for bit but for the sign of a zero (Q4_0: d * q - 8 d is +0.0
     # where d * (q - 8) with a negative d is -0.0; no sum can tell them apart)
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
@@ -179,6 +197,12 @@ def test_joined_parts_of_mixed_kinds_keep_their_values():
     joined = join_rows([a, b])
     assert joined.kind == "q8"
     torch.testing.assert_close(joined.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    # float16 and float32 scales join (in float32: not every scale is a float16)
+    c = random_weight("q4", 3, 64, with_min=True, seed=3, f16=True)
+    mixed = join_rows([a, c])
+    assert mixed.d.dtype == torch.float32
+    torch.testing.assert_close(mixed.dequantize(), torch.cat([a.dequantize(), c.dequantize()]))
+    assert join_rows([c, c]).d.dtype == torch.float16
 
 
 # -- the fused block operations -----------------------------------------------------

@@ -144,6 +144,10 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma-separated (empty: CORS off)"
     )
+    web_ui: bool = Field(
+        default=True,
+        description="serve the playground at / and the API docs at /docs, /redoc and /openapi.json",
+    )
     drain_timeout: float = Field(
         default=30.0, ge=0.0, le=3600.0, description="seconds in-flight requests get after SIGTERM"
     )

@@ -139,7 +139,7 @@ class Settings(BaseSettings):
     # -- security and operations
     api_key: SecretStr | None = Field(
         default=None,
-        description="bearer key(s), comma-separated; when set, all routes but /health, /ready, /metrics need one",
+        description="bearer key(s), comma-separated; when set, all routes but /health, /ready, /metrics and the web UI's pages need one",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma-separated (empty: CORS off)"

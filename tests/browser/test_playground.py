@@ -17,7 +17,6 @@ from tests.integration.live_server import MODEL, LiveServer
 
 pytestmark = pytest.mark.slow
 
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 RUNNING = "gptserve_requests_running"
 
 # Counts the visible states of the latest reply: several distinct lengths mean the text
@@ -54,7 +53,9 @@ def set_field(page: Any, field: str, value: str) -> None:
     page.fill(f"#{field}", value)
 
 
-def test_chat_streams_a_reply_with_its_figures(watch: Watch, live_server: LiveServer):
+def test_chat_streams_a_reply_with_its_figures(
+    watch: Watch, live_server: LiveServer, screenshots: Path
+):
     page = open_playground(watch, live_server)
     assert page.inner_text("#info-model") == MODEL
     assert re.fullmatch(r"[\d,]+ tokens", page.inner_text("#info-context"))
@@ -104,8 +105,9 @@ def test_chat_streams_a_reply_with_its_figures(watch: Watch, live_server: LiveSe
     assert body["messages"][1]["content"] == reply
     assert body["stream"] is True and body["model"] == MODEL
     stats(page, "chat-log")
-    IMG.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMG / "playground.png"))
+    page.wait_for_function("() => document.getElementById('live-running').textContent === '0'")
+    page.screenshot(path=str(screenshots / "playground.png"))
+    assert (screenshots / "playground.png").stat().st_size > 10_000
     watch.assert_clean()
 
 
@@ -196,7 +198,9 @@ def test_server_errors_are_shown_with_their_message(watch: Watch, live_server: L
     watch.assert_clean(ignore=(r"status of 400",))
 
 
-def test_swagger_ui_and_redoc_render_offline(watch: Watch, live_server: LiveServer):
+def test_swagger_ui_and_redoc_render_offline(
+    watch: Watch, live_server: LiveServer, screenshots: Path
+):
     page = watch.page
     page.goto(live_server.base_url + "/docs")
     page.locator(".opblock").first.wait_for()
@@ -204,8 +208,9 @@ def test_swagger_ui_and_redoc_render_offline(watch: Watch, live_server: LiveServ
     assert {"/generate", "/v1/chat/completions", "/info", "/metrics"} <= {
         p.replace("\u200b", "") for p in paths
     }, paths
-    page.screenshot(path=str(IMG / "docs.png"))
+    page.screenshot(path=str(screenshots / "docs.png"))
     page.goto(live_server.base_url + "/redoc")
     page.get_by_text("/v1/chat/completions").first.wait_for()
     assert page.locator("[data-section-id]").count() > 10
+    page.screenshot(path=str(screenshots / "redoc.png"))
     watch.assert_clean()

@@ -136,3 +136,14 @@ def test_the_package_ships_the_static_files():
     assert "static/*" in data["package-data"]["service.api"]
     for path in OWN_FILES:
         assert ui.file_path(path).parent == ui.STATIC
+
+
+def test_readme_first_screen_shows_the_playground():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    first_screen = "\n".join((root / "README.md").read_text(encoding="utf-8").splitlines()[:25])
+    assert "playground" in first_screen
+    assert "](docs/img/playground.png)" in first_screen
+    for name in ("playground.png", "docs.png"):
+        assert (root / "docs" / "img" / name).stat().st_size > 10_000, name

@@ -47,7 +47,7 @@ def test_the_page_asks_for_the_key_and_keeps_it_in_the_tab(
     with page.expect_request("**/generate") as request_info:
         page.keyboard.press("Enter")
     assert request_info.value.headers["authorization"] == f"Bearer {KEY}"
-    page.locator("#raw-log .stats").wait_for(timeout=60_000)
+    page.locator("#raw-log .message[data-done=ok] .stats").wait_for(timeout=60_000)
     assert page.inner_text("#raw-log [data-stat=finish] b") == "length"
 
     assert page.evaluate("sessionStorage.getItem('gptserve.apiKey')") == KEY

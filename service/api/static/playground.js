@@ -32,7 +32,8 @@
   })();
 
   function showMaxTokensDefault() {
-    const limits = (state.info && state.info.limits) || {};
+    if (!state.info) return; // the page's text until /info answers
+    const limits = state.info.limits || {};
     const text =
       state.mode === "chat"
         ? "default: the rest of the context, at most " + (limits.max_tokens ?? "?")
@@ -280,7 +281,9 @@
       }
     } catch (error) {
       sent.classList.add("failed");
+      reply.querySelector(".text").remove();
       showError(reply, error.message);
+      reply.dataset.done = "error";
       return;
     }
     $("prompt").value = "";
@@ -338,10 +341,16 @@
 
     if (failure) {
       sent.classList.add("failed");
+      if (!output) shown.remove();
       showError(reply, failure);
     } else if (chat) {
       state.history.push({ role: "user", content: text });
       state.history.push({ role: "assistant", content: output });
+    }
+    reply.dataset.done = failure ? "error" : "ok";
+    if (failure && first === null) {
+      $("prompt").focus();
+      return; // nothing streamed: no figures to show
     }
     const out = usage ? usage.completion_tokens : chunks;
     const decodeSeconds = first !== null && last > first ? (last - first) / 1000 : 0;

@@ -1,9 +1,10 @@
 """Bearer-key authentication as pure ASGI middleware.
 
 Deny by default: every path needs a key except the exact probe paths in
-``PUBLIC_PATHS`` (and the pages of ``routes.ui``, which hold no data, when
-they are on: the app passes them as ``public``). The decision uses the ASGI scope's ``path`` (what routing
-uses), never a URL rebuilt from the Host header. Keys are compared as SHA-256
+``PUBLIC_PATHS`` and, when they are on, the exact paths of the pages of
+``routes.ui``, which hold no data (the app passes both as ``public``). The
+decision uses the ASGI scope's ``path`` (what routing uses), never a URL
+rebuilt from the Host header. Keys are compared as SHA-256
 digests with ``hmac.compare_digest`` against every configured key, without an
 early exit, so timing reveals neither a prefix nor which key matched.
 """

@@ -32,7 +32,9 @@ def chromium_path() -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: while Playwright's sync API is started it holds an asyncio
+# loop running on this thread, and asyncio.run() in any later test would fail.
+@pytest.fixture(scope="package")
 def browser(chromium_path: str) -> Iterator[Any]:
     try:
         from playwright.sync_api import sync_playwright

@@ -139,10 +139,14 @@ class Settings(BaseSettings):
     # -- security and operations
     api_key: SecretStr | None = Field(
         default=None,
-        description="bearer key(s), comma-separated; when set, all routes but /health, /ready, /metrics need one",
+        description="bearer key(s), comma-separated; when set, all routes but /health, /ready, /metrics and the web UI's pages need one",
     )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="allowed CORS origins, comma-separated (empty: CORS off)"
+    )
+    web_ui: bool = Field(
+        default=True,
+        description="serve the playground at / and the API docs at /docs, /redoc and /openapi.json",
     )
     drain_timeout: float = Field(
         default=30.0, ge=0.0, le=3600.0, description="seconds in-flight requests get after SIGTERM"

@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.integration.live_server import LiveServer, start_server
+from tests.integration.live_server import KEYED_FLAGS, KEYS, LiveServer, start_server
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +21,14 @@ def live_server() -> Iterator[LiveServer]:
 def server(live_server: LiveServer) -> str:
     """The base URL of the shared server."""
     return live_server.base_url
+
+
+@pytest.fixture(scope="session")
+def keyed_server() -> Iterator[LiveServer]:
+    """A second real server, with API keys and a one-request queue (``KEYED_FLAGS``), shared
+    by the auth and overload checks and the browser tests of the key prompt."""
+    server = start_server(*KEYED_FLAGS, env={"GPTSERVE_API_KEY": ",".join(KEYS)})
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -17,10 +17,10 @@ from fastapi.openapi.utils import get_openapi
 from prometheus_client import CollectorRegistry
 from starlette.middleware.cors import CORSMiddleware
 
-from service.api.auth import AuthMiddleware, KeyChecker
+from service.api.auth import PUBLIC_PATHS, AuthMiddleware, KeyChecker
 from service.api.errors import install_error_handlers
 from service.api.middleware import HTTPMetrics, LimitsMiddleware, RequestContextMiddleware
-from service.api.routes import native, openai, ops
+from service.api.routes import native, openai, ops, ui
 from service.api.runtime import EngineFactory, Runtime, package_version
 from service.settings import Settings, get_settings
 
@@ -46,13 +46,22 @@ def create_app(
             await runtime.shutdown()
 
     app = FastAPI(
-        title="gptserve", version=package_version(), description=DESCRIPTION, lifespan=lifespan
+        title="gptserve",
+        version=package_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        # FastAPI's own /docs and /redoc load their scripts from a CDN; routes.ui serves them.
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.web_ui else None,
     )
     app.state.runtime = runtime
     app.state.http_registry = CollectorRegistry(auto_describe=True)
     install_error_handlers(app)
     for router in (ops.router, native.router, openai.router):
         app.include_router(router)
+    if settings.web_ui:
+        ui.install(app)
     _add_middleware(app, settings)
     # FastAPI's documented hook for a custom schema is assigning app.openapi.
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -78,7 +87,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # add_middleware wraps: the last one added is the outermost.
     keys = settings.api_keys
     if keys:
-        app.add_middleware(AuthMiddleware, checker=KeyChecker(keys))
+        public = PUBLIC_PATHS | ui.PUBLIC_PATHS if settings.web_ui else PUBLIC_PATHS
+        app.add_middleware(AuthMiddleware, checker=KeyChecker(keys), public=public)
     app.add_middleware(
         LimitsMiddleware,
         max_body_bytes=settings.max_body_bytes,

@@ -1,8 +1,10 @@
 """Bearer-key authentication as pure ASGI middleware.
 
 Deny by default: every path needs a key except the exact probe paths in
-``PUBLIC_PATHS``. The decision uses the ASGI scope's ``path`` (what routing
-uses), never a URL rebuilt from the Host header. Keys are compared as SHA-256
+``PUBLIC_PATHS`` and, when they are on, the exact paths of the pages of
+``routes.ui``, which hold no data (the app passes both as ``public``). The
+decision uses the ASGI scope's ``path`` (what routing uses), never a URL
+rebuilt from the Host header. Keys are compared as SHA-256
 digests with ``hmac.compare_digest`` against every configured key, without an
 early exit, so timing reveals neither a prefix nor which key matched.
 """
@@ -53,12 +55,15 @@ def bearer_token(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, checker: KeyChecker) -> None:
+    def __init__(
+        self, app: ASGIApp, checker: KeyChecker, public: frozenset[str] = PUBLIC_PATHS
+    ) -> None:
         self.app = app
         self.checker = checker
+        self.public = public
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("path") in PUBLIC_PATHS:
+        if scope["type"] not in ("http", "websocket") or scope.get("path") in self.public:
             await self.app(scope, receive, send)
             return
         token = bearer_token(scope.get("headers", []))

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 
 from service.api.app import create_app
 from service.api.auth import PUBLIC_PATHS, KeyChecker, bearer_token
+from service.api.routes import ui
 from service.settings import Settings
 from tests.api.api_testlib import asgi_call, assert_error, serve
 from tests.api.fake_engine import FakeEngine
@@ -52,7 +53,7 @@ def test_route_walk_finds_every_route(secured):
 
 def test_every_protected_route_needs_a_key(secured):
     for method, path in _routes(secured.app):
-        if path in PUBLIC_PATHS:
+        if path in PUBLIC_PATHS or path in ui.PUBLIC_PATHS:
             continue
         for headers in (
             {},
@@ -78,6 +79,16 @@ def test_each_key_opens_every_route(secured):
 def test_probes_are_public(secured):
     for path in sorted(PUBLIC_PATHS):
         assert secured.get(path).status_code == 200
+
+
+def test_the_pages_are_the_only_other_public_routes(secured):
+    # The playground and docs pages (files, no data) load without a key; the API they
+    # call does not: /openapi.json needs the key like every route outside these lists.
+    public = {path for method, path in _routes(secured.app) if method == "GET"} & ui.PUBLIC_PATHS
+    assert public == ui.PUBLIC_PATHS
+    for path in sorted(ui.PUBLIC_PATHS):
+        assert secured.get(path).status_code == 200, path
+    assert "/openapi.json" not in ui.PUBLIC_PATHS
 
 
 @pytest.mark.parametrize(

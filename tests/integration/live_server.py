@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m-instruct"
 # A small KV cache keeps each test server light; the context is clamped to it.
 DEFAULT_FLAGS = ("--kv-cache-tokens", "4096", "--log-level", "info")
+# The second shared server (``keyed_server``): two API keys, one request at a time.
+KEYS = ("integration-key-8c1e", "second-key")
+KEYED_FLAGS = ("--max-num-seqs", "1", "--max-batched-tokens", "64", "--max-queue-requests", "1")
 
 
 def free_port() -> int:

@@ -9,19 +9,17 @@ import time
 import httpx
 import pytest
 
-from tests.integration.live_server import LiveServer
+from tests.integration.live_server import KEYS, LiveServer
 
 pytestmark = pytest.mark.slow
 
-KEY = "integration-key-8c1e"
+KEY = KEYS[0]
 
 
 @pytest.fixture(scope="module")
-def small(server_factory) -> LiveServer:
-    return server_factory(
-        "--max-num-seqs", "1", "--max-batched-tokens", "64", "--max-queue-requests", "1",
-        env={"GPTSERVE_API_KEY": f"{KEY},second-key"},
-    )  # fmt: skip
+def small(keyed_server: LiveServer) -> LiveServer:
+    """Keys ``KEYS``, one running request and a queue of one (shared with the browser tests)."""
+    return keyed_server
 
 
 def raw_request(server: LiveServer, head: str) -> bytes:
@@ -47,7 +45,7 @@ def test_key_required_on_the_wire(small):
     assert (
         httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
     )
-    for key in (KEY, "second-key"):
+    for key in KEYS:
         assert (
             httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code
             == 200

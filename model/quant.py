@@ -232,3 +232,14 @@ def quantize(w: Tensor, kind: Kind) -> QuantizedWeight:
     q = ((blocks - lo.unsqueeze(-1)) * inv.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
     packed = pack_q4(q)  # (n, nb, 16)
     return QuantizedWeight("q4", packed.reshape(n, k // 2), d.contiguous(), lo.contiguous())
+
+
+def describe_weights(model: nn.Module, dtype: torch.dtype) -> str:
+    """How a model holds its linear weights, for people and /info: ``"float32"``, or the
+    quantized kinds and their scales' dtype, e.g. ``"q4, q8 blocks (float16 scales)"``."""
+    quantized = [m for m in model.modules() if isinstance(m, _QuantModule)]
+    if not quantized:
+        return str(dtype).removeprefix("torch.")
+    kinds = ", ".join(sorted({m.kind for m in quantized}))
+    scales = "/".join(sorted({str(m.d.dtype).removeprefix("torch.") for m in quantized}))
+    return f"{kinds} blocks ({scales} scales)"

@@ -32,7 +32,7 @@ from prometheus_client import CollectorRegistry
 from torch import Tensor
 
 from model.gpt import GPT
-from model.quant import WeightsMode
+from model.quant import WeightsMode, describe_weights
 from model.sampling import SamplingRow
 from service.engine.block_manager import BlockManager
 from service.engine.config import EngineConfig
@@ -126,6 +126,8 @@ class Engine:
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, config, num_blocks, self.max_model_len)
+        self.weights = describe_weights(model, model.dtype)
+        self.kv_cache_dtype = str(self.runner.kv_cache.dtype).removeprefix("torch.")
         self._eos_ids = frozenset(tokenizer.eos_token_ids)
         self._cond = threading.Condition()
         self._seqs: dict[str, Seq] = {}

@@ -147,6 +147,9 @@ def test_native_embed_tokenize_detokenize_info(server):
     assert (
         info["model"] == MODEL and info["config"]["n_layer"] == 30 and info["max_model_len"] == 4096
     )
+    # the Q4_1 file's blocks kept (its Q8_0 output layer too), with their float16 scales
+    assert info["weights"] == "q4, q8 blocks (float16 scales)"
+    assert info["kv_cache_dtype"] == "float32"
 
 
 def _family_samples(text: str) -> dict[str, list]:

@@ -58,6 +58,8 @@ async def info(ctx: ServedDep) -> InfoOut:
         max_model_len=engine.max_model_len,
         dtype=str(engine.dtype).removeprefix("torch."),
         device=str(engine.device),
+        weights=getattr(engine, "weights", ""),
+        kv_cache_dtype=getattr(engine, "kv_cache_dtype", ""),
         config=_jsonable(config),
         limits=limits,
     )

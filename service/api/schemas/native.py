@@ -120,5 +120,9 @@ class InfoOut(ResponseModel):
     max_model_len: int
     dtype: str
     device: str
+    weights: str = Field(
+        default="", description='How linear weights are held: a dtype, or e.g. "q4 blocks".'
+    )
+    kv_cache_dtype: str = Field(default="", description="The KV cache's element type.")
     config: dict[str, Any]
     limits: dict[str, int]

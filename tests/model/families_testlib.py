@@ -135,6 +135,10 @@ def write_gguf(model: Any, family: str, path: Path) -> Path:
         w.add_rope_scaling_factor(float(full["factor"]))
     if getattr(cfg, "sliding_window", None):
         w.add_sliding_window(cfg.sliding_window)
+    if family == "gemma3":
+        if cfg.query_pre_attn_scalar != head_dim:
+            raise ValueError("GGUF has no query_pre_attn_scalar: llama.cpp uses head_dim")
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads}
     names = {

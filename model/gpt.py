@@ -1,4 +1,5 @@
-"""A decoder-only transformer (GPT-2 and Llama families) over a ragged batch.
+"""A decoder-only transformer (GPT-2, Llama and the families in ``model.config``) over
+a ragged batch.
 
 Notation: T = new tokens in the batch (all sequences concatenated),
 B = sequences, H = n_head, KV = n_kv_head, hd = head_dim, C = n_embd,
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, RopeScaling
 from model.kernels import (
     MAX_GROUP,
     MAX_HEAD_DIM,
@@ -37,14 +38,18 @@ class WeightsError(ValueError):
 
 
 class Norm(nn.Module):
-    """LayerNorm (gpt2) or RMSNorm (llama), computed like the reference."""
+    """LayerNorm (gpt2) or RMSNorm (the others), computed like the reference.
 
-    def __init__(self, config: ModelConfig) -> None:
+    Gemma's ``(1 + w)`` RMSNorm is this one with the 1 folded into ``weight`` at load.
+    """
+
+    def __init__(self, config: ModelConfig, dim: int = 0) -> None:
         super().__init__()
+        dim = dim or config.n_embd
         self.rms = config.rmsnorm
         self.eps = config.norm_eps
-        self.weight = nn.Parameter(torch.ones(config.n_embd))
-        self.bias = None if self.rms else nn.Parameter(torch.zeros(config.n_embd))
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = None if self.rms else nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.rms:
@@ -71,6 +76,15 @@ class DecodeInputs:
 
 
 @dataclass
+class WindowInputs:
+    """Addressing of the decodes on sliding-window layers: only the blocks that hold a
+    key inside the window are read (the others are skipped)."""
+
+    tables: Tensor  # (n_decode, Wb) the window's blocks of each row
+    mask: Tensor  # (n_decode, 1, 1, Wb * block_size) key inside the window and the context
+
+
+@dataclass
 class StepInputs:
     """What every layer needs and is the same for all of them: computed once per forward.
 
@@ -84,10 +98,12 @@ class StepInputs:
     rope_tables: tuple[Tensor, Tensor] | None  # (cos, sin_signed) by position, when fused
     n_decode: int  # leading sequences (= rows) that take the batched decode path
     decode: DecodeInputs | None  # set when n_decode > 0
+    rope_local: tuple[Tensor, Tensor] | None = None  # (cos, sin_signed) of sliding layers
+    window: WindowInputs | None = None  # decodes on sliding layers, when the model has them
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
@@ -97,8 +113,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(
             config.n_embd, self.q_size + 2 * self.kv_size, bias=bool(config.attn_bias)
         )
-        self.proj = nn.Linear(self.q_size, config.n_embd, bias=bool(config.attn_bias))
-        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.proj = nn.Linear(self.q_size, config.n_embd, bias=bool(config.attn_out_bias))
+        self.scale = config.attn_scale
+        self.window = config.layer_window(layer)  # 0: the whole context
+        # Sliding layers with their own RoPE base take the step's local tables.
+        self.local_rope = config.layer_rope_theta(layer) != config.rope_theta or (
+            not config.layer_rope_scaled(layer) and config.rope_scaling is not None
+        )
+        self.q_norm = Norm(config, config.head_dim) if config.qk_norm else None
+        self.k_norm = Norm(config, config.head_dim) if config.qk_norm else None
 
     def forward(
         self,
@@ -120,11 +143,11 @@ class Attention(nn.Module):
         if step.decode is None or kv_cache is None:
             y = self._per_sequence(q, k, v, batch, kv_cache, layer, 0)
         elif d == t:
-            y = self._decode(q, kv_cache, layer, step.decode)
+            y = self._decode(q, kv_cache, layer, step)
         else:
             y = torch.cat(
                 (
-                    self._decode(q[:d], kv_cache, layer, step.decode),
+                    self._decode(q[:d], kv_cache, layer, step),
                     self._per_sequence(q[d:], k[d:], v[d:], batch, kv_cache, layer, d),
                 )
             )
@@ -142,8 +165,12 @@ class Attention(nn.Module):
         heads = self.n_head + self.n_kv_head
         qk = qkv[:, : self.q_size + self.kv_size].view(t, heads, self.head_dim)  # (T, H+KV, hd)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
-        if step.rope is not None:
-            qk = apply_rope(qk, *step.rope)  # queries and keys rotated in one pass
+        if self.q_norm is not None and self.k_norm is not None:  # per head, before RoPE
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
+        rope = step.rope_local if self.local_rope else step.rope
+        if rope is not None:
+            qk = apply_rope(qk, *rope)  # queries and keys rotated in one pass
         q, k = qk.split([self.n_head, self.n_kv_head], dim=1)  # (T, H, hd), (T, KV, hd)
         if kv_cache is not None:
             kv_cache.write(layer, k, v, batch.cache_addressing()[0])
@@ -172,22 +199,33 @@ class Attention(nn.Module):
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.n_kv_head, self.head_dim)
         return q, k, v
 
-    def _decode(self, q: Tensor, kv_cache: KVCache, layer: int, dec: DecodeInputs) -> Tensor:
+    def _decode(self, q: Tensor, kv_cache: KVCache, layer: int, step: StepInputs) -> Tensor:
         """One new token per sequence: one batched call over the gathered blocks
-        (on the CPU, a kernel that reads the blocks in place)."""
-        kernels = load_kernels()
-        if kernels is not None and supports_attention(q, kv_cache.k):
-            return kernels.decode_attention(
-                q, kv_cache.k[layer], kv_cache.v[layer], dec.tables, dec.context_lens, self.scale
-            )  # (B, H, hd)
-        k, v = kv_cache.gather(layer, dec.tables)  # (B, L, KV, hd)
-        if dec.mask is None:
-            raise ValueError("the decode path needs a key mask without the attention kernel")
+        (on the CPU, a kernel that reads the blocks in place). Sliding-window
+        layers read only the blocks of their window."""
+        dec = step.decode
+        if dec is None:
+            raise ValueError("the decode path needs its inputs")
+        if self.window:
+            if step.window is None:
+                raise ValueError("a sliding-window layer needs the step's window inputs")
+            tables, mask = step.window.tables, step.window.mask
+        else:
+            kernels = load_kernels()
+            if kernels is not None and supports_attention(q, kv_cache.k):
+                return kernels.decode_attention(
+                    q, kv_cache.k[layer], kv_cache.v[layer], dec.tables, dec.context_lens,
+                    self.scale,
+                )  # fmt: skip
+            if dec.mask is None:
+                raise ValueError("the decode path needs a key mask without the attention kernel")
+            tables, mask = dec.tables, dec.mask
+        k, v = kv_cache.gather(layer, tables)  # (B, L, KV, hd)
         y = F.scaled_dot_product_attention(
             q.unsqueeze(2),  # (B, H, 1, hd)
             k.to(q.dtype).transpose(1, 2),  # (B, KV, L, hd)
             v.to(q.dtype).transpose(1, 2),
-            attn_mask=dec.mask,
+            attn_mask=mask,
             scale=self.scale,
             enable_gqa=self.n_head != self.n_kv_head,
         )  # (B, H, 1, hd)
@@ -210,17 +248,21 @@ class Attention(nn.Module):
             qlen, start = batch.query_lens[i], batch.start_pos[i]
             qi = q[row : row + qlen].transpose(0, 1).unsqueeze(0)  # (1, H, qlen, hd)
             mask = None
+            ctx = start + qlen
             if start == 0:
                 # Nothing cached before this chunk: attend to the fresh keys, causally.
                 ki, vi = k[row : row + qlen], v[row : row + qlen]
             elif kv_cache is None:
                 raise ValueError("a sequence that starts past position 0 needs a KV cache")
             else:
-                ctx = start + qlen
                 kc, vc = kv_cache.gather(layer, batch.cache_addressing()[1][i : i + 1])
                 ki, vi = kc[0, :ctx].to(q.dtype), vc[0, :ctx].to(q.dtype)  # (ctx, KV, hd)
-                qpos = torch.arange(start, ctx, device=q.device)
-                mask = torch.arange(ctx, device=q.device)[None, :] <= qpos[:, None]  # (qlen, ctx)
+            if start > 0 or (self.window and ctx > self.window):
+                qpos = torch.arange(start, ctx, device=q.device)[:, None]
+                kpos = torch.arange(ctx - ki.shape[0], ctx, device=q.device)[None, :]
+                mask = kpos <= qpos  # (qlen, keys)
+                if self.window:
+                    mask &= kpos > qpos - self.window
             yi = F.scaled_dot_product_attention(
                 qi,
                 ki.transpose(0, 1).unsqueeze(0),  # (1, KV, L, hd)
@@ -236,12 +278,14 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """GELU MLP (gpt2), or gated: SwiGLU (silu) or GeGLU (Gemma's tanh GELU)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         inner = config.intermediate_size
         self.gated = config.gated_mlp
         self.activation = config.activation
-        # SwiGLU: gate and up projections fused into one matmul, gate first.
+        # Gate and up projections fused into one matmul, gate first.
         self.fc = nn.Linear(
             config.n_embd, 2 * inner if self.gated else inner, bias=bool(config.mlp_bias)
         )
@@ -253,23 +297,29 @@ class MLP(nn.Module):
         """MLP output, or with ``residual`` that tensor with the output added in place."""
         h = self.fc(x)
         if self.gated:
-            if fused is not None:
+            if fused is not None and self.activation == "silu":
                 a = fused.silu_mul(h)
             else:
                 gate, up = h.chunk(2, dim=-1)
-                a = F.silu(gate) * up
+                a = (F.silu(gate) if self.activation == "silu" else self._gelu(gate)) * up
         else:
             a = F.gelu(h, approximate="tanh" if self.activation == "gelu_tanh" else "none")
         return _linear(self.proj, a, residual)
 
+    def _gelu(self, x: Tensor) -> Tensor:
+        return F.gelu(x, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.attn_norm = Norm(config)
-        self.attn = Attention(config)
+        self.attn = Attention(config, layer)
         self.mlp_norm = Norm(config)
         self.mlp = MLP(config)
+        # Gemma 3: the outputs of attention and MLP normalised before the residual add.
+        self.post_attn_norm = Norm(config) if config.sandwich_norms else None
+        self.post_mlp_norm = Norm(config) if config.sandwich_norms else None
 
     def forward(
         self,
@@ -285,6 +335,9 @@ class Block(nn.Module):
             x = self.attn(h, batch, kv_cache, layer, step, residual=x)
             h = k.rms_norm(x, self.mlp_norm.weight, self.mlp_norm.eps)
             return self.mlp(h, residual=x, fused=k)
+        if self.post_attn_norm is not None and self.post_mlp_norm is not None:
+            x = x + self.post_attn_norm(self.attn(self.attn_norm(x), batch, kv_cache, layer, step))
+            return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x)))
         x = x + self.attn(self.attn_norm(x), batch, kv_cache, layer, step)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -308,6 +361,7 @@ def _embedding(num: int, dim: int) -> nn.Embedding:
 class GPT(nn.Module):
     rope_cos: Tensor | None
     rope_sin: Tensor | None
+    rope_local: tuple[Tensor, Tensor] | None  # (cos, sin_signed) of sliding layers' own base
     wte: nn.Embedding | QuantEmbedding
     lm_head: nn.Linear | QuantLinear
 
@@ -318,12 +372,13 @@ class GPT(nn.Module):
         self.wpe = (
             _embedding(config.max_seq_len, config.n_embd) if config.learned_positions else None
         )
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = Norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         self.rope_cos = self.rope_sin = None
+        self.rope_local = None
         self._plan: DecodePlan | Literal[False] | None = None  # see _decode_plan
 
     # -- construction -----------------------------------------------------------------
@@ -421,22 +476,32 @@ class GPT(nn.Module):
             return {name: tuple(p.shape) for name, p in cls(config).named_parameters()}
 
     def _init_rope(self, device: torch.device) -> None:
-        if self.config.learned_positions:
+        config = self.config
+        if config.learned_positions:
             return
-        hd = self.config.head_dim
-        inv_freq = 1.0 / (
-            self.config.rope_theta
-            ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
+        self.rope_cos, self.rope_sin = self._rope_tables(config.rope_theta, True, device)
+        local = [i for i in range(config.n_layer) if cast(Block, self.layers[i]).attn.local_rope]
+        if local:
+            i = local[0]
+            self.rope_local = self._rope_tables(
+                config.layer_rope_theta(i), config.layer_rope_scaled(i), device
+            )
+
+    def _rope_tables(
+        self, theta: float, scaled: bool, device: torch.device
+    ) -> tuple[Tensor, Tensor]:
+        """(cos, sin_signed), each (max_seq_len, hd), for base ``theta``."""
+        config = self.config
+        inv_freq, attention_factor = rope_inv_freq(
+            config.head_dim, theta, config.rope_scaling if scaled else None, device
         )
-        pos = torch.arange(self.config.max_seq_len, device=device).float()
+        pos = torch.arange(config.max_seq_len, device=device).float()
         freqs = torch.outer(pos, inv_freq)  # (max_seq_len, hd / 2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
-        dtype = self.dtype
-        half = hd // 2
-        sin = emb.sin()
+        half = config.head_dim // 2
+        sin = emb.sin() * attention_factor
         sin[:, :half] = -sin[:, :half]  # see apply_rope
-        self.rope_cos = emb.cos().to(dtype)
-        self.rope_sin = sin.to(dtype)
+        return (emb.cos() * attention_factor).to(self.dtype), sin.to(self.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -461,7 +526,7 @@ class GPT(nn.Module):
 
     def step_inputs(self, batch: ForwardBatch, kv_cache: KVCache | None) -> StepInputs:
         fused = self._fused_kernels(kv_cache)
-        rope = rope_tables = None
+        rope = rope_tables = rope_local = None
         if self.rope_cos is not None and self.rope_sin is not None:
             if fused is not None:
                 rope_tables = (self.rope_cos, self.rope_sin)
@@ -470,9 +535,12 @@ class GPT(nn.Module):
                     self.rope_cos[batch.positions][:, None, :],  # (T, 1, hd)
                     self.rope_sin[batch.positions][:, None, :],
                 )
+        if self.rope_local is not None:
+            cos, sin = self.rope_local
+            rope_local = (cos[batch.positions][:, None, :], sin[batch.positions][:, None, :])
         n_decode = batch.num_leading_decodes
         if kv_cache is None or n_decode == 0:
-            return StepInputs(rope, fused, rope_tables, 0, None)
+            return StepInputs(rope, fused, rope_tables, 0, None, rope_local)
         tables = batch.cache_addressing()[1]
         if n_decode < len(batch.query_lens):
             # Mixed step: the decodes read only as many blocks as their longest context.
@@ -485,7 +553,11 @@ class GPT(nn.Module):
         if fused is None:
             keys = torch.arange(tables.shape[1] * kv_cache.block_size, device=tables.device)
             mask = (keys[None, :] < ctx[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        return StepInputs(rope, fused, rope_tables, n_decode, DecodeInputs(tables, ctx, mask))
+        window = None
+        if self.config.sliding_window:
+            window = _window_inputs(tables, ctx, kv_cache.block_size, self.config.sliding_window)
+        decode = DecodeInputs(tables, ctx, mask)
+        return StepInputs(rope, fused, rope_tables, n_decode, decode, rope_local, window)
 
     def _decode_plan(self) -> DecodePlan | None:
         """The blocks' weights for the C decode step, when every linear layer of every
@@ -496,14 +568,19 @@ class GPT(nn.Module):
             self._plan = build_decode_plan(self) or False
         return self._plan or None
 
+    def uses_cpu_kernels(self) -> bool:
+        """Whether the CPU kernels run this model's blocks (else PyTorch does)."""
+        return self._fused_kernels(None) is not None
+
     def _fused_kernels(self, kv_cache: KVCache | None) -> Kernels | None:
-        """The CPU kernels when they can run every Llama block of this model (float32
-        activations, a cache they read); None otherwise: PyTorch runs the blocks."""
+        """The CPU kernels when they can run every block of this model (the Llama block,
+        with q/k/v biases allowed; float32 activations, a cache they read); None
+        otherwise: PyTorch runs the blocks (every family, sliding windows included)."""
         config = self.config
         if (
             self.device.type != "cpu"
             or self.dtype != torch.float32
-            or not (config.rmsnorm and config.gated_mlp and not config.learned_positions)
+            or not llama_block(config)
             or config.head_dim > MAX_HEAD_DIM
             or config.n_head // config.n_kv_head > MAX_GROUP
             or (kv_cache is not None and not supports_cache(kv_cache.k))
@@ -530,6 +607,8 @@ class GPT(nn.Module):
                 f"position {end - 1} is past the context of {self.config.max_seq_len} tokens"
             )
         x = self.wte(batch.input_ids)  # (T, C)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
         step = self.step_inputs(batch, kv_cache)
@@ -568,9 +647,90 @@ def _maybe_quantize(
     return quantize(value, kind)
 
 
+def llama_block(config: ModelConfig) -> bool:
+    """Whether every block is the plain Llama block the CPU kernels implement: RMSNorm,
+    SwiGLU, full causal attention, one RoPE table, no q/k norms or extra norms."""
+    return (
+        config.rmsnorm
+        and config.gated_mlp
+        and config.activation == "silu"
+        and not config.learned_positions
+        and not config.qk_norm
+        and not config.sandwich_norms
+        and config.embed_scale == 1.0
+        and not config.has_sliding_window
+        and config.rope_local_theta in (0.0, config.rope_theta)
+        and config.attn_scale == 1.0 / math.sqrt(config.head_dim)
+    )
+
+
+def rope_inv_freq(
+    head_dim: int, theta: float, scaling: RopeScaling | None, device: torch.device
+) -> tuple[Tensor, float]:
+    """RoPE inverse frequencies (head_dim / 2,) and the factor on cos/sin (yarn), following
+    the formulas of Hugging Face's ``modeling_rope_utils`` for each scaling type."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if scaling.kind == "linear":
+        return inv_freq / factor, 1.0
+    if scaling.kind == "factors":
+        factors = torch.tensor(scaling.freq_factors, dtype=torch.float32, device=device)
+        return inv_freq / factors, 1.0
+    original = scaling.original_max_seq_len
+    if scaling.kind == "llama3":
+        low_wavelen = original / scaling.low_freq_factor
+        high_wavelen = original / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn: interpolate low frequencies, extrapolate high ones, a linear ramp between.
+    attention = scaling.attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = float(max(math.floor(correction_dim(scaling.beta_fast)), 0))
+    high = float(min(math.ceil(correction_dim(scaling.beta_slow)), head_dim - 1))
+    if low == high:
+        high += 0.001
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)
+    extrapolation = 1 - ramp.clamp(0, 1)
+    interpolated = inv_freq / factor
+    return interpolated * (1 - extrapolation) + inv_freq * extrapolation, attention
+
+
+def _window_inputs(tables: Tensor, ctx: Tensor, block_size: int, window: int) -> WindowInputs:
+    """The blocks of each decode row that hold keys in its window, and the key mask.
+
+    A row's query is at position ctx - 1 and sees keys ctx - window .. ctx - 1:
+    at most ceil((window - 1) / block_size) + 1 blocks from the one holding ctx - window.
+    """
+    width = min(tables.shape[1], -(-(window - 1) // block_size) + 1)
+    first = (ctx - window).clamp(min=0) // block_size  # (B,)
+    cols = first[:, None] + torch.arange(width, device=tables.device)[None, :]  # (B, Wb)
+    inside = cols < tables.shape[1]
+    wtables = tables.gather(1, cols.clamp(max=tables.shape[1] - 1))
+    offsets = torch.arange(block_size, device=tables.device)
+    kpos = (cols[:, :, None] * block_size + offsets).reshape(len(ctx), -1)  # (B, Wb * bs)
+    valid = (kpos < ctx[:, None]) & (kpos >= (ctx - window)[:, None])
+    valid &= inside.repeat_interleave(block_size, dim=1)
+    return WindowInputs(wtables.contiguous(), valid[:, None, None, :])
+
+
 def build_decode_plan(model: GPT) -> DecodePlan | None:
-    """``DecodePlan`` of a Llama-family model whose block linears are all quantized."""
+    """``DecodePlan`` of a Llama-block model (``llama_block``) whose block linears are all
+    quantized and bias-free."""
     config = model.config
+    if not llama_block(config):
+        return None
     keep: list[Tensor] = []
     layers = []
     for block in cast(list[Block], list(model.layers)):

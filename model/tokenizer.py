@@ -4,8 +4,9 @@ One `Tokenizer` wraps a `tokenizers.Tokenizer` (Rust, fast) loaded from either
 a Hugging Face checkpoint directory (`tokenizer.json`, optionally
 `tokenizer_config.json`, `chat_template.jinja`, `generation_config.json`) or a
 GGUF file, whose vocabulary and merges are turned into a byte-level BPE
-directly. Only byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM, ...)
-are supported: the detokenizer works on the raw bytes of each token.
+directly. Byte-level BPE vocabularies (GPT-2, Llama 3, Qwen, SmolLM, ...) and
+SentencePiece-style ones (Llama 2, Mistral, Gemma: ``model.sentencepiece``) are
+supported: the detokenizer works on the raw bytes of each token.
 
 Chat templates are rendered the way `transformers` renders them (sandboxed
 Jinja, `trim_blocks`/`lstrip_blocks`, `raise_exception`, `strftime_now`, a
@@ -34,6 +35,14 @@ from tokenizers.models import BPE
 
 from model.loading.errors import ModelFileError
 from model.loading.gguf_format import read_gguf_header
+from model.sentencepiece import (
+    GEMMA_ARCHS,
+    SentencePieceError,
+    from_gguf_vocab,
+    is_sentencepiece,
+    piece_bytes,
+    strips_first_space,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +53,23 @@ DEFAULT_CHAT_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma's turn format, for Gemma files that ship no template (the GGUF exports
+# often do not): the system prompt goes before the first user turn, the
+# assistant's role is called "model", the text starts with BOS.
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set offset = 0 %}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] + '\n\n' %}{% set offset = 1 %}"
+    "{% else %}{% set system = '' %}{% endif %}"
+    "{% for message in messages[offset:] %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (system if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 # Special tokens that end a turn in the chat formats we know. Generation must
@@ -121,8 +147,17 @@ class Tokenizer:
         add_bos: bool,
         add_eos: bool = False,
     ) -> None:
-        if not isinstance(backend.decoder, decoders.ByteLevel):
-            raise TokenizerError(f"{source}: only byte-level BPE tokenizers are supported")
+        # the decoder alone: serialising the whole backend costs seconds on large vocabularies
+        decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder else None
+        # How tokens spell bytes: GPT-2's byte alphabet, or SentencePiece's ▁ and <0xNN>.
+        self.sentencepiece = is_sentencepiece(decoder)
+        if not self.sentencepiece and not isinstance(backend.decoder, decoders.ByteLevel):
+            kind = decoder.get("type") if isinstance(decoder, dict) else None
+            raise TokenizerError(
+                f"{source}: unsupported tokenizer decoder {kind!r}; byte-level BPE and "
+                "SentencePiece-style (byte fallback) tokenizers are supported"
+            )
+        self.strip_first_space = self.sentencepiece and strips_first_space(decoder)
         self._backend = backend
         self.source = source
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
@@ -199,12 +234,22 @@ class Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
         if kind is None:
             raise TokenizerError(f"{path}: no tokenizer metadata (tokenizer.ggml.model)")
-        if kind != "gpt2":
-            raise TokenizerError(f"{path}: tokenizer model {kind!r} unsupported; only 'gpt2'")
+        if kind not in ("gpt2", "llama"):
+            raise TokenizerError(
+                f"{path}: tokenizer model {kind!r} unsupported; 'gpt2' (byte-level BPE) "
+                "and 'llama' (SentencePiece) are"
+            )
         tokens = _meta_list(meta, "tokenizer.ggml.tokens", str, path)
-        merges = _meta_list(meta, "tokenizer.ggml.merges", str, path)
         types = meta.get("tokenizer.ggml.token_type") or [0] * len(tokens)
-        backend = _byte_level_bpe(tokens, merges, types, meta.get("tokenizer.ggml.pre"), path)
+        arch = meta.get("general.architecture")
+        template = meta.get("tokenizer.chat_template")
+        if kind == "llama":
+            backend = _sentencepiece(meta, tokens, types, str(arch), path)
+            if template is None and arch in GEMMA_ARCHS:
+                template = GEMMA_CHAT_TEMPLATE
+        else:
+            merges = _meta_list(meta, "tokenizer.ggml.merges", str, path)
+            backend = _byte_level_bpe(tokens, merges, types, meta.get("tokenizer.ggml.pre"), path)
         extra = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eot", "eom")]
         tokenizer = cls(
             backend,
@@ -212,8 +257,9 @@ class Tokenizer:
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
             extra_eos_ids=[i for i in extra if isinstance(i, int)],
-            chat_template=meta.get("tokenizer.chat_template"),
-            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+            chat_template=template,
+            # llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise
+            add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")),
             add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         )
         logger.debug("tokenizer from %s in %.3f s", path, time.perf_counter() - start)
@@ -243,6 +289,10 @@ class Tokenizer:
         token = self._backend.id_to_token(token_id) if token_id >= 0 else None
         if token is None:
             self._bad_id(token_id)
+        if self.sentencepiece:
+            data = piece_bytes(token)
+            self._token_bytes[token_id] = data
+            return data
         # Characters outside the byte alphabet (only in added tokens) stand for
         # their own UTF-8, as in the backend's ByteLevel decoder.
         data = b"".join(
@@ -305,6 +355,8 @@ class IncrementalDetokenizer:
         self._skip = tokenizer.special_token_ids if skip_special_tokens else frozenset()
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pieces: list[str] = []
+        # SentencePiece decoders drop the space prepended to the text: the first one out.
+        self._strip = tokenizer.strip_first_space
 
     def push(self, token_id: int) -> str:
         if token_id in self._skip:
@@ -322,6 +374,9 @@ class IncrementalDetokenizer:
         return joined
 
     def _emit(self, delta: str) -> str:
+        if delta and self._strip:
+            self._strip = False
+            delta = delta.removeprefix(" ")
         if delta:
             self._pieces.append(delta)
         return delta
@@ -452,6 +507,23 @@ def _byte_level_bpe(
         ]
     )
     return backend
+
+
+def _sentencepiece(
+    meta: dict[str, Any], tokens: list[str], types: list[int], arch: str, path: Path | str
+) -> _Backend:
+    scores = meta.get("tokenizer.ggml.scores")
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    try:
+        return from_gguf_vocab(
+            tokens,
+            scores if isinstance(scores, list) else None,
+            types,
+            arch,
+            unk if isinstance(unk, int) else None,
+        )
+    except SentencePieceError as e:
+        raise TokenizerError(f"{path}: {e}") from e
 
 
 def _merge_pair(merge: str, path: Path | str) -> tuple[str, str]:

@@ -52,6 +52,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from model.families import describe
     from model.loading import load_model
 
     start = time.perf_counter()
@@ -64,6 +65,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "device": str(loaded.model.device),
         "load_seconds": round(time.perf_counter() - start, 3),
         "config": loaded.config.to_dict(),
+        **describe(loaded.config),
+        # the CPU kernels run the plain Llama block; other families run PyTorch blocks
+        "cpu_kernels": loaded.model.uses_cpu_kernels(),
     }
     print(json.dumps(info, indent=2))
     return 0

@@ -27,12 +27,16 @@ from model.config import ConfigError, ModelConfig
 from model.gpt import GPT, WeightsError
 from model.loading.dequant import FLOAT_TYPES, SUPPORTED_TYPES, dequantize
 from model.loading.errors import ModelConfigFileError, ModelFileError
+from model.loading.gguf_families import (
+    ARCHITECTURES,
+    INTERLEAVED_QK,
+    ROPE_FREQS,
+    family_settings,
+)
 from model.loading.gguf_format import GGUFHeader, GGUFTensorInfo, read_gguf_header
 from model.loading.plan import Part, Plan, check_plan, copy_rows
 from model.loading.repack import KEPT_TYPES, join_rows, repack
 from model.quant import QUANTIZE_TO, QuantizedWeight, WeightsMode
-
-ARCHITECTURES = ("llama", "gpt2")
 
 
 def load_gguf(
@@ -49,8 +53,11 @@ def load_gguf(
     """
     header = read_gguf_header(path)
     config = config_from_gguf(header)
-    plan = _llama_plan(config) if config.arch == "llama" else _gpt2_plan(config)
-    check_plan(header.path, plan, config, {n: t.shape for n, t in header.tensors.items()})
+    arch = header.metadata["general.architecture"]
+    plan = _gpt2_plan(config) if config.arch == "gpt2" else _llama_plan(config, arch)
+    shapes = {n: t.shape for n, t in header.tensors.items()}
+    # rope_freqs (Llama 3 scaling) is read into the configuration, not a parameter
+    check_plan(header.path, plan, config, shapes, lambda name: name == ROPE_FREQS)
     for info in header.tensors.values():
         if info.qtype not in SUPPORTED_TYPES:
             raise ModelFileError(
@@ -99,18 +106,18 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
     embd = header.tensors.get("token_embd.weight")
     if embd is None or len(embd.shape) != 2:
         raise ModelFileError(header.path, "missing or malformed tensor", "token_embd.weight")
-    scaling = header.metadata.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none":
-        raise ModelFileError(
-            header.path, f"unsupported RoPE scaling {scaling!r}", f"{arch}.rope.scaling.type"
-        )
-    norm = "layer_norm_rms_epsilon" if arch == "llama" else "layer_norm_epsilon"
+    norm = "layer_norm_epsilon" if arch == "gpt2" else "layer_norm_rms_epsilon"
     n_head = _meta(header, f"{arch}.attention.head_count", int)
+    n_layer = _meta(header, f"{arch}.block_count", int)
+
+    def meta(key: str, kind: type, default: Any = _REQUIRED) -> Any:
+        return _meta(header, key, kind, default)
+
+    family = family_settings(header, arch, meta, n_layer)
     try:
         config = ModelConfig(
-            arch=arch,
             vocab_size=embd.shape[0],
-            n_layer=_meta(header, f"{arch}.block_count", int),
+            n_layer=n_layer,
             n_head=n_head,
             n_embd=_meta(header, f"{arch}.embedding_length", int),
             n_kv_head=_meta(header, f"{arch}.attention.head_count_kv", int, n_head),
@@ -123,11 +130,12 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
             attn_bias=any(f"blk.0.attn_{t}.bias" in header.tensors for t in ("q", "qkv")),
             mlp_bias="blk.0.ffn_up.bias" in header.tensors,
             name=_meta(header, "general.name", str, ""),
+            **family,
         )
     except ConfigError as e:
         raise ModelConfigFileError(header.path, str(e)) from e
     rope_dims = _meta(header, f"{arch}.rope.dimension_count", int, config.head_dim)
-    if config.arch == "llama" and rope_dims != config.head_dim:
+    if not config.learned_positions and rope_dims != config.head_dim:
         raise ModelFileError(
             header.path,
             f"partial RoPE ({rope_dims} of {config.head_dim} dims) is unsupported",
@@ -151,6 +159,16 @@ def _common_plan(config: ModelConfig) -> Plan:
         for p in norm_params:
             plan[f"layers.{i}.attn_norm.{p}"] = [Part(f"blk.{i}.attn_norm.{p}", c)]
             plan[f"layers.{i}.mlp_norm.{p}"] = [Part(f"blk.{i}.ffn_norm.{p}", c)]
+        if config.sandwich_norms:  # Gemma 3; llama.cpp already stored its norms as 1 + w
+            plan[f"layers.{i}.post_attn_norm.weight"] = [
+                Part(f"blk.{i}.post_attention_norm.weight", c)
+            ]
+            plan[f"layers.{i}.post_mlp_norm.weight"] = [Part(f"blk.{i}.post_ffw_norm.weight", c)]
+        if config.qk_norm:
+            for t in ("q", "k"):
+                plan[f"layers.{i}.attn.{t}_norm.weight"] = [
+                    Part(f"blk.{i}.attn_{t}_norm.weight", config.head_dim)
+                ]
     return plan
 
 
@@ -158,9 +176,11 @@ def _linear_params(bias: bool | None) -> tuple[str, ...]:
     return ("weight", "bias") if bias else ("weight",)
 
 
-def _llama_plan(config: ModelConfig) -> Plan:
+def _llama_plan(config: ModelConfig, arch: str) -> Plan:
     plan = _common_plan(config)
-    h, kv, c = config.n_head, config.n_kv_head, config.n_embd
+    c = config.n_embd
+    # llama.cpp interleaved the RoPE halves of q and k rows only for its "llama" RoPE.
+    h, kv = (config.n_head, config.n_kv_head) if arch in INTERLEAVED_QK else (0, 0)
     inner = config.intermediate_size
     for i in range(config.n_layer):
         ours, blk = f"layers.{i}.", f"blk.{i}."
@@ -170,6 +190,7 @@ def _llama_plan(config: ModelConfig) -> Plan:
                 Part(f"{blk}attn_k.{p}", config.kv_size, heads=kv),
                 Part(f"{blk}attn_v.{p}", config.kv_size),
             ]
+        for p in _linear_params(config.attn_out_bias):
             plan[f"{ours}attn.proj.{p}"] = [Part(f"{blk}attn_output.{p}", c)]
         for p in _linear_params(config.mlp_bias):
             plan[f"{ours}mlp.fc.{p}"] = [

@@ -50,6 +50,7 @@ def load_hf_dir(
             target: _assemble([_get(handles[where[p.name]], p, dtype) for p in parts])
             for target, parts in plan.items()
         }
+    fold_norm_offset(config, state)
     try:
         model = GPT.from_state_dict(
             config, state, dtype=dtype, device=device, quantize_to=QUANTIZE_TO.get(weights)
@@ -57,6 +58,14 @@ def load_hf_dir(
     except WeightsError as e:
         raise ModelFileError(path, str(e)) from e
     return model, config
+
+
+def fold_norm_offset(config: ModelConfig, state: dict[str, Tensor]) -> None:
+    """Gemma's RMSNorm computes x * (1 + w): store 1 + w, so ours computes x * w."""
+    if config.norm_offset:
+        for name, value in state.items():
+            if name.endswith("norm.weight"):
+                state[name] = value + config.norm_offset
 
 
 def read_hf_config(path: Path) -> ModelConfig:
@@ -184,6 +193,8 @@ def _gpt2_plan(config: ModelConfig, prefix: str) -> Plan:
 
 
 def _llama_plan(config: ModelConfig) -> Plan:
+    """Llama and the families that rename nothing: Qwen 2/3, Mistral, Gemma 3 (whose
+    extra norms are ``post_attention_layernorm`` and ``post_feedforward_layernorm``)."""
     c, inner = config.n_embd, config.intermediate_size
     plan: Plan = {
         "wte.weight": [Part("model.embed_tokens.weight", config.vocab_size)],
@@ -194,15 +205,28 @@ def _llama_plan(config: ModelConfig) -> Plan:
     for i in range(config.n_layer):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         plan[f"{ours}attn_norm.weight"] = [Part(f"{hf}input_layernorm.weight", c)]
-        plan[f"{ours}mlp_norm.weight"] = [Part(f"{hf}post_attention_layernorm.weight", c)]
         attn = f"{hf}self_attn."
+        if config.sandwich_norms:
+            norms = {
+                "post_attn_norm": "post_attention_layernorm",
+                "mlp_norm": "pre_feedforward_layernorm",
+                "post_mlp_norm": "post_feedforward_layernorm",
+            }
+            for ours_norm, theirs in norms.items():
+                plan[f"{ours}{ours_norm}.weight"] = [Part(f"{hf}{theirs}.weight", c)]
+        else:
+            plan[f"{ours}mlp_norm.weight"] = [Part(f"{hf}post_attention_layernorm.weight", c)]
+        if config.qk_norm:
+            hd = config.head_dim
+            plan[f"{ours}attn.q_norm.weight"] = [Part(f"{attn}q_norm.weight", hd)]
+            plan[f"{ours}attn.k_norm.weight"] = [Part(f"{attn}k_norm.weight", hd)]
         qkv = [
             (f"{attn}q_proj", config.q_size),
             (f"{attn}k_proj", config.kv_size),
             (f"{attn}v_proj", config.kv_size),
         ]
         _linear(plan, f"{ours}attn.qkv", qkv, config.attn_bias)
-        _linear(plan, f"{ours}attn.proj", [(f"{attn}o_proj", c)], config.attn_bias)
+        _linear(plan, f"{ours}attn.proj", [(f"{attn}o_proj", c)], config.attn_out_bias)
         mlp = f"{hf}mlp."
         _linear(
             plan,

@@ -31,6 +31,10 @@ from model.kernels import load as load_kernels
 from model.kv_cache import ForwardBatch, KVCache
 from model.quant import Kind, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
 
+# RoPE positions tabled when a model is built; more are added when a longer
+# sequence (or the engine's context) needs them, never from the claimed context.
+ROPE_POSITIONS_AT_LOAD = 4096
+
 
 class WeightsError(ValueError):
     """A state dict that does not fit the model: names the offending key."""
@@ -421,16 +425,30 @@ class GPT(nn.Module):
             return {name: tuple(p.shape) for name, p in cls(config).named_parameters()}
 
     def _init_rope(self, device: torch.device) -> None:
+        self.reserve_positions(min(self.config.max_seq_len, ROPE_POSITIONS_AT_LOAD), device)
+
+    def reserve_positions(self, n: int, device: torch.device | None = None) -> None:
+        """Size the RoPE tables for positions [0, n) (at most the model's context).
+
+        The tables follow the context in use, not the one the file claims: a file
+        may claim millions of positions, and tables for them would take gigabytes.
+        The engine reserves its context once, before serving (and before any CUDA
+        graph captures the tables); ``forward`` grows them for longer sequences.
+        """
         if self.config.learned_positions:
             return
+        n = min(n, self.config.max_seq_len)
+        if self.rope_cos is not None and self.rope_cos.shape[0] >= n:
+            return
+        device = self.device if device is None else device
         hd = self.config.head_dim
         inv_freq = 1.0 / (
             self.config.rope_theta
             ** (torch.arange(0, hd, 2, dtype=torch.int64, device=device).float() / hd)
         )
-        pos = torch.arange(self.config.max_seq_len, device=device).float()
-        freqs = torch.outer(pos, inv_freq)  # (max_seq_len, hd / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
+        pos = torch.arange(n, device=device).float()
+        freqs = torch.outer(pos, inv_freq)  # (n, hd / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
         dtype = self.dtype
         half = hd // 2
         sin = emb.sin()
@@ -529,6 +547,8 @@ class GPT(nn.Module):
             raise ValueError(
                 f"position {end - 1} is past the context of {self.config.max_seq_len} tokens"
             )
+        if self.rope_cos is not None and end > self.rope_cos.shape[0]:
+            self.reserve_positions(max(end, 2 * self.rope_cos.shape[0]))
         x = self.wte(batch.input_ids)  # (T, C)
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)

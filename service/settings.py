@@ -136,6 +136,15 @@ class Settings(BaseSettings):
     max_header_count: int = Field(
         default=100, ge=8, le=10_000, description="most headers in one request (431 above)"
     )
+    request_timeout: float = Field(
+        default=15.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds a client has to send a whole request, head and body (408 or close after)",
+    )
+    max_connections: int = Field(
+        default=512, ge=1, le=1_000_000, description="open connections (more are closed at once)"
+    )
 
     # -- security and operations
     api_key: SecretStr | None = Field(

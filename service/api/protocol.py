@@ -20,7 +20,7 @@ tests/integration/test_slow_clients.py against a real server).
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -40,8 +40,8 @@ class GuardedH11Protocol(H11Protocol):
     request_timeout: float = 15.0
     max_connections: int = 512
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(cast(asyncio.Transport, transport))
         self._deadline: asyncio.TimerHandle | None = None
         if len(self.connections) > self.max_connections:
             self.transport.close()  # refused: connection_lost forgets it

@@ -198,7 +198,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return self.check_len(super().call_binop(context, op, left, right))
 
     def getitem(self, obj: Any, argument: Any) -> Any:
-        return self.check_len(super().getitem(obj, argument))
+        value = super().getitem(obj, argument)
+        return self.check_len(value) if isinstance(argument, slice) else value  # a slice is new
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         __self.check_args(args, kwargs)

@@ -73,6 +73,22 @@ class ConfigError(ValueError):
     """A model configuration that cannot describe a working model."""
 
 
+# Upper bounds on every size a model file may claim: far above any released model
+# (the largest vocabularies hold ~260k tokens, the deepest models ~130 layers, the
+# longest contexts 10M tokens), far below what would exhaust memory when sized from.
+# Loaders check file metadata against these before planning anything from it.
+LIMITS: dict[str, int] = {
+    "vocab_size": 1 << 21,
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "n_embd": 1 << 17,
+    "head_dim": 4096,
+    "intermediate_size": 1 << 20,
+    "max_seq_len": 1 << 24,
+}
+
+
 @dataclass
 class ModelConfig:
     """Shapes and flavour of a decoder-only transformer.
@@ -110,10 +126,13 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch not in FAMILIES:
             raise ConfigError(f"arch must be one of {', '.join(FAMILIES)}, got {self.arch!r}")
-        for field in ("vocab_size", "n_layer", "n_head", "n_embd", "max_seq_len"):
+        for field, limit in LIMITS.items():
             value = getattr(self, field)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{field} must be a positive integer, got {value!r}")
+            derived = field in ("n_kv_head", "head_dim", "intermediate_size")  # 0: derived
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"{field} must be an integer, got {value!r:.80}")
+            if not (0 if derived else 1) <= value <= limit:
+                raise ConfigError(f"{field} must be in [1, {limit}], got {value}")
         gpt2 = self.arch == "gpt2"
         if not self.n_kv_head:
             self.n_kv_head = self.n_head
@@ -147,10 +166,15 @@ class ModelConfig:
             self.activation = "gelu_tanh" if gpt2 or self.arch == "gemma3" else "silu"
         if self.activation not in ("gelu_tanh", "gelu", "silu"):
             raise ConfigError(f"unsupported activation {self.activation!r}")
+        for field in ("norm_eps", "rope_theta"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{field} must be a number, got {value!r:.80}")
+            setattr(self, field, float(value))
         if not (0.0 < self.norm_eps < 1.0):
             raise ConfigError(f"norm_eps must be in (0, 1), got {self.norm_eps}")
-        if not gpt2 and self.rope_theta <= 0:
-            raise ConfigError(f"rope_theta must be positive, got {self.rope_theta}")
+        if not (0.0 < self.rope_theta < math.inf):
+            raise ConfigError(f"rope_theta must be positive and finite, got {self.rope_theta}")
         self._check_family_fields()
 
     def _check_family_fields(self) -> None:

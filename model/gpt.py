@@ -32,6 +32,10 @@ from model.kernels import load as load_kernels
 from model.kv_cache import ForwardBatch, KVCache
 from model.quant import Kind, QuantEmbedding, QuantizedWeight, QuantLinear, quantize
 
+# RoPE positions tabled when a model is built; more are added when a longer
+# sequence (or the engine's context) needs them, never from the claimed context.
+ROPE_POSITIONS_AT_LOAD = 4096
+
 
 class WeightsError(ValueError):
     """A state dict that does not fit the model: names the offending key."""
@@ -476,28 +480,42 @@ class GPT(nn.Module):
             return {name: tuple(p.shape) for name, p in cls(config).named_parameters()}
 
     def _init_rope(self, device: torch.device) -> None:
+        self.reserve_positions(min(self.config.max_seq_len, ROPE_POSITIONS_AT_LOAD), device)
+
+    def reserve_positions(self, n: int, device: torch.device | None = None) -> None:
+        """Size the RoPE tables for positions [0, n) (at most the model's context).
+
+        The tables follow the context in use, not the one the file claims: a file
+        may claim millions of positions, and tables for them would take gigabytes.
+        The engine reserves its context once, before serving (and before any CUDA
+        graph captures the tables); ``forward`` grows them for longer sequences.
+        """
         config = self.config
         if config.learned_positions:
             return
-        self.rope_cos, self.rope_sin = self._rope_tables(config.rope_theta, True, device)
+        n = min(n, config.max_seq_len)
+        if self.rope_cos is not None and self.rope_cos.shape[0] >= n:
+            return
+        device = self.device if device is None else device
+        self.rope_cos, self.rope_sin = self._rope_tables(config.rope_theta, True, device, n)
         local = [i for i in range(config.n_layer) if cast(Block, self.layers[i]).attn.local_rope]
         if local:
             i = local[0]
             self.rope_local = self._rope_tables(
-                config.layer_rope_theta(i), config.layer_rope_scaled(i), device
+                config.layer_rope_theta(i), config.layer_rope_scaled(i), device, n
             )
 
     def _rope_tables(
-        self, theta: float, scaled: bool, device: torch.device
+        self, theta: float, scaled: bool, device: torch.device, n: int
     ) -> tuple[Tensor, Tensor]:
-        """(cos, sin_signed), each (max_seq_len, hd), for base ``theta``."""
+        """(cos, sin_signed), each (n, hd), for base ``theta``."""
         config = self.config
         inv_freq, attention_factor = rope_inv_freq(
             config.head_dim, theta, config.rope_scaling if scaled else None, device
         )
-        pos = torch.arange(config.max_seq_len, device=device).float()
-        freqs = torch.outer(pos, inv_freq)  # (max_seq_len, hd / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (max_seq_len, hd)
+        pos = torch.arange(n, device=device).float()
+        freqs = torch.outer(pos, inv_freq)  # (n, hd / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (n, hd)
         half = config.head_dim // 2
         sin = emb.sin() * attention_factor
         sin[:, :half] = -sin[:, :half]  # see apply_rope
@@ -606,6 +624,8 @@ class GPT(nn.Module):
             raise ValueError(
                 f"position {end - 1} is past the context of {self.config.max_seq_len} tokens"
             )
+        if self.rope_cos is not None and end > self.rope_cos.shape[0]:
+            self.reserve_positions(max(end, 2 * self.rope_cos.shape[0]))
         x = self.wte(batch.input_ids)  # (T, C)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale

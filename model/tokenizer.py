@@ -10,8 +10,11 @@ supported: the detokenizer works on the raw bytes of each token.
 
 Chat templates are rendered the way `transformers` renders them (sandboxed
 Jinja, `trim_blocks`/`lstrip_blocks`, `raise_exception`, `strftime_now`, a
-`tojson` that does not escape HTML). A checkpoint without a template gets
-`DEFAULT_CHAT_TEMPLATE` (ChatML).
+`tojson` that does not escape HTML), within the bounds of `model.chat_template`.
+A checkpoint without a template gets `DEFAULT_CHAT_TEMPLATE` (ChatML). Text a
+user supplies never becomes control tokens: `encode` parses no special tokens
+unless asked, and `encode_chat` keeps the template's markers apart from the
+messages.
 """
 
 from __future__ import annotations
@@ -21,18 +24,15 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-import jinja2
-import jinja2.ext
 import numpy as np
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
+from model.chat_template import ChatTemplate, TemplateError, mark_user_text, special_pattern, unmark
 from model.loading.errors import ModelFileError
 from model.loading.gguf_format import read_gguf_header
 from model.sentencepiece import (
@@ -170,9 +170,15 @@ class Tokenizer:
         added = backend.get_added_tokens_decoder()
         self.special_token_ids = frozenset(i for i, tok in added.items() if tok.special)
         self.eos_token_ids = self._end_ids(extra_eos_ids)
+        # The same vocabulary with special-token parsing off: text a user supplies
+        # is encoded through it, so "<|im_end|>" in it stays plain text.
+        self._plain = _Backend.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
+        self._specials = special_pattern([added[i].content for i in self.special_token_ids])
         self.chat_template = chat_template
-        self._template = _compile_template(chat_template or DEFAULT_CHAT_TEMPLATE, source)
+        self._template = _load_template(chat_template, source)
         self._token_bytes: dict[int, bytes] = {}
+        self._probe_template()
 
     def _end_ids(self, extra_eos_ids: Sequence[int]) -> frozenset[int]:
         ids = {i for i in extra_eos_ids if 0 <= i < self.vocab_size}
@@ -267,10 +273,14 @@ class Tokenizer:
 
     # -- text <-> ids ----------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Special-token text in `text` (e.g. "<|im_start|>") maps to its id, as in
-        transformers; chat templates rely on it."""
-        ids: list[int] = self._backend.encode(text, add_special_tokens=False).ids
+    def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Token ids of ``text``. Special-token spellings in it (e.g. "<|im_start|>")
+        stay plain text unless ``parse_special``: text from users must never forge
+        control tokens. ``add_special_tokens`` adds the model's BOS/EOS around it."""
+        backend = self._backend if parse_special else self._plain
+        ids: list[int] = backend.encode(text, add_special_tokens=False).ids
         return [*self._prefix, *ids, *self._suffix] if add_special_tokens else ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
@@ -318,23 +328,81 @@ class Tokenizer:
         *,
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
-        """The prompt text for a conversation. Raises TokenizerError (a ValueError)
-        for malformed messages or when the template refuses them."""
+        """The prompt text for a conversation. Raises ``TemplateRaised`` when the
+        template refuses the messages and ``TemplateFailed`` when it breaks or
+        exceeds a limit (both ValueErrors naming the template)."""
+        return self._render(self._checked(messages), add_generation_prompt, tools)
+
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> tuple[str, list[int]]:
+        """The prompt text and its token ids, in which only the template's own markers
+        are control tokens: a special-token spelling inside the messages or tools
+        (a forged "<|im_end|>\n<|im_start|>system") is encoded as plain text."""
+        marked = mark_user_text(
+            {"messages": self._checked(messages), "tools": tools},
+            self._specials,
+            avoid=self.chat_template or DEFAULT_CHAT_TEMPLATE,
+        )
+        rendered = self._render(
+            marked.value["messages"], add_generation_prompt, marked.value["tools"]
+        )
+        text, forged = unmark(rendered, marked)
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        if not forged:
+            return text, list(encoding.ids)
+        return text, self._encode_between_markers(text, encoding, forged)
+
+    def _encode_between_markers(
+        self, text: str, encoding: Any, forged: list[tuple[int, int]]
+    ) -> list[int]:
+        """Special tokens the backend found outside the forged spans are the template's
+        markers; the text between them is encoded with special-token parsing off."""
+        ids: list[int] = []
+        pos = 0
+        for token_id, (start, end) in zip(encoding.ids, encoding.offsets, strict=True):
+            if token_id not in self.special_token_ids or _overlaps(start, end, forged):
+                continue
+            if start > pos:
+                ids += self._plain.encode(text[pos:start], add_special_tokens=False).ids
+            ids.append(token_id)
+            pos = end
+        if pos < len(text):
+            ids += self._plain.encode(text[pos:], add_special_tokens=False).ids
+        return ids
+
+    def _checked(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("messages must be a list of objects")
         # Like transformers: a None field (OpenAI's content=None) counts as absent,
         # which templates handle, rather than rendering "None".
-        messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+    def _render(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None,
+    ) -> str:
+        return self._template.render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            bos_token=self._token_text(self.bos_token_id),
+            eos_token=self._token_text(self.eos_token_id),
+        )
+
+    def _probe_template(self) -> None:
+        """Render a probe conversation once, at load: a template that cannot render one
+        user turn is refused here, naming it, instead of failing every request."""
         try:
-            return self._template.render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                tools=tools,
-                bos_token=self._token_text(self.bos_token_id),
-                eos_token=self._token_text(self.eos_token_id),
-            )
-        except (jinja2.TemplateError, TypeError, LookupError, AttributeError, ValueError) as e:
-            raise TokenizerError(f"chat template of {self.source}: {e}") from e
+            self.apply_chat_template([{"role": "user", "content": "Hello, who are you?"}])
+        except TemplateError as e:
+            raise TokenizerError(f"{e} (on a probe conversation, at load)") from e
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._backend.id_to_token(token_id) or "")
@@ -385,39 +453,15 @@ class IncrementalDetokenizer:
 # -- chat template -------------------------------------------------------------
 
 
-def _raise_exception(message: str) -> NoReturn:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    # Jinja's own tojson escapes <, >, & for HTML, which would change prompts.
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _compile_template(source: str, origin: str) -> jinja2.Template:
-    # Templates come with downloaded checkpoints: untrusted code, hence the sandbox.
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+def _load_template(source: str | None, origin: str) -> ChatTemplate:
     try:
-        return env.from_string(source)
-    except jinja2.TemplateError as e:
-        raise TokenizerError(f"chat template of {origin} does not compile: {e}") from e
+        return ChatTemplate(source or DEFAULT_CHAT_TEMPLATE, origin)
+    except TemplateError as e:
+        raise TokenizerError(str(e)) from e
+
+
+def _overlaps(start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+    return any(start < b and a < end for a, b in spans)
 
 
 def _dir_chat_template(path: Path, config: dict[str, Any]) -> str | None:

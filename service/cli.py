@@ -24,8 +24,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = Tokenizer.from_path(loaded.path)
     prompt = args.prompt
     if args.chat:
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        ids = tokenizer.encode(prompt, add_special_tokens=False)
+        prompt, ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
     else:
         ids = tokenizer.encode(prompt)
     seed = args.seed if args.seed is not None else time.time_ns() % (2**31)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -58,7 +59,7 @@ class Settings(BaseSettings):
         default=None,
         min_length=1,
         max_length=256,
-        description="name clients use in `model` (default: --model)",
+        description="name clients use in `model` (default: the model file's stem or the directory's name)",
     )
     dtype: Dtype = Field(
         default="auto",
@@ -135,6 +136,15 @@ class Settings(BaseSettings):
     max_header_count: int = Field(
         default=100, ge=8, le=10_000, description="most headers in one request (431 above)"
     )
+    request_timeout: float = Field(
+        default=15.0,
+        gt=0.0,
+        le=3600.0,
+        description="seconds a client has to send a whole request, head and body (408 or close after)",
+    )
+    max_connections: int = Field(
+        default=512, ge=1, le=1_000_000, description="open connections (more are closed at once)"
+    )
 
     # -- security and operations
     api_key: SecretStr | None = Field(
@@ -190,8 +200,13 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The name clients send in ``model`` and see in responses."""
-        return self.served_model_name or self.model
+        """The name clients send in ``model`` and see in responses: by default the
+        model file's stem (``/models/x.gguf`` -> ``x``), so that no path on the
+        host shows in responses, error messages or metric labels."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model)
+        return path.stem if path.suffix.lower() == ".gguf" else path.name or self.model
 
     @property
     def api_keys(self) -> list[str]:

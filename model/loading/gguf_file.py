@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
-from model.config import ConfigError, ModelConfig
+from model.config import LIMITS, ConfigError, ModelConfig
 from model.gpt import GPT, WeightsError
 from model.loading.dequant import FLOAT_TYPES, SUPPORTED_TYPES, dequantize
 from model.loading.errors import ModelConfigFileError, ModelFileError
@@ -34,7 +35,7 @@ from model.loading.gguf_families import (
     family_settings,
 )
 from model.loading.gguf_format import GGUFHeader, GGUFTensorInfo, read_gguf_header
-from model.loading.plan import Part, Plan, check_plan, copy_rows
+from model.loading.plan import Part, Plan, check_layer_count, check_plan, copy_rows
 from model.loading.repack import KEPT_TYPES, join_rows, repack
 from model.quant import QUANTIZE_TO, QuantizedWeight, WeightsMode
 
@@ -93,6 +94,23 @@ def _meta(header: GGUFHeader, key: str, kind: type, default: Any = _REQUIRED) ->
     return value
 
 
+def _count(header: GGUFHeader, key: str, field: str, default: Any = _REQUIRED) -> int:
+    """An integer metadata value within the bound ``ModelConfig`` sets on ``field``."""
+    value: int = _meta(header, key, int, default)
+    if not (0 if value == default else 1) <= value <= LIMITS[field]:
+        raise ModelFileError(header.path, f"{value} is outside [1, {LIMITS[field]}]", key)
+    return value
+
+
+def _layer_count(header: GGUFHeader, key: str) -> int:
+    claimed = _count(header, key, "n_layer")
+    check_layer_count(header.path, claimed, header.tensors, _LAYER, key)
+    return claimed
+
+
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
 def config_from_gguf(header: GGUFHeader) -> ModelConfig:
     """A ``ModelConfig`` from the file's metadata and tensor shapes."""
     arch = _meta(header, "general.architecture", str)
@@ -107,8 +125,9 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
     if embd is None or len(embd.shape) != 2:
         raise ModelFileError(header.path, "missing or malformed tensor", "token_embd.weight")
     norm = "layer_norm_epsilon" if arch == "gpt2" else "layer_norm_rms_epsilon"
-    n_head = _meta(header, f"{arch}.attention.head_count", int)
-    n_layer = _meta(header, f"{arch}.block_count", int)
+    n_head = _count(header, f"{arch}.attention.head_count", "n_head")
+    # checked against the file's tensors before anything is sized from it
+    n_layer = _layer_count(header, f"{arch}.block_count")
 
     def meta(key: str, kind: type, default: Any = _REQUIRED) -> Any:
         return _meta(header, key, kind, default)
@@ -119,11 +138,11 @@ def config_from_gguf(header: GGUFHeader) -> ModelConfig:
             vocab_size=embd.shape[0],
             n_layer=n_layer,
             n_head=n_head,
-            n_embd=_meta(header, f"{arch}.embedding_length", int),
-            n_kv_head=_meta(header, f"{arch}.attention.head_count_kv", int, n_head),
-            head_dim=_meta(header, f"{arch}.attention.key_length", int, 0),
-            intermediate_size=_meta(header, f"{arch}.feed_forward_length", int),
-            max_seq_len=_meta(header, f"{arch}.context_length", int),
+            n_embd=_count(header, f"{arch}.embedding_length", "n_embd"),
+            n_kv_head=_count(header, f"{arch}.attention.head_count_kv", "n_kv_head", n_head),
+            head_dim=_count(header, f"{arch}.attention.key_length", "head_dim", 0),
+            intermediate_size=_count(header, f"{arch}.feed_forward_length", "intermediate_size"),
+            max_seq_len=_count(header, f"{arch}.context_length", "max_seq_len"),
             norm_eps=_meta(header, f"{arch}.attention.{norm}", float, 1e-5),
             rope_theta=_meta(header, f"{arch}.rope.freq_base", float, 10000.0),
             tie_embeddings="output.weight" not in header.tensors,

@@ -23,10 +23,11 @@ from torch import Tensor
 from model.config import ConfigError, ModelConfig
 from model.gpt import GPT, WeightsError
 from model.loading.errors import ModelConfigFileError, ModelFileError
-from model.loading.plan import Part, Plan, check_plan
+from model.loading.plan import Part, Plan, check_layer_count, check_plan
 from model.quant import QUANTIZE_TO, WeightsMode
 
 INDEX_FILE = "model.safetensors.index.json"
+_LAYER = re.compile(r"(?:model\.layers|(?:transformer\.)?h)\.(\d+)\.")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
@@ -43,6 +44,8 @@ def load_hf_dir(
     with ExitStack() as stack:
         handles = {f: stack.enter_context(_open(f)) for f in files}
         where = _tensor_index(handles)
+        key = "n_layer" if config.arch == "gpt2" else "num_hidden_layers"
+        check_layer_count(path / "config.json", config.n_layer, where, _LAYER, key)
         plan, ignored = _plan(config, where)
         shapes = {name: tuple(handles[f].get_slice(name).get_shape()) for name, f in where.items()}
         check_plan(path, plan, config, shapes, ignored)
@@ -82,7 +85,7 @@ def read_hf_config(path: Path) -> ModelConfig:
         return ModelConfig.from_hf(raw, name=path.name)
     except KeyError as e:
         raise ModelFileError(file, "missing config key", str(e.args[0])) from None
-    except (ConfigError, TypeError) as e:
+    except (ConfigError, TypeError, ValueError, AttributeError) as e:
         raise ModelConfigFileError(file, str(e)) from e
 
 

@@ -8,7 +8,8 @@ then verifies every name and shape before a byte of data is read.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,19 @@ def check_plan(
     extra = sorted(name for name in in_file if name not in used and not ignored(name))
     if extra:
         raise ModelFileError(path, f"unexpected tensor ({len(extra)} unexpected in all)", extra[0])
+
+
+def check_layer_count(
+    path: Path, claimed: int, names: Iterable[str], layer: re.Pattern[str], key: str
+) -> None:
+    """The configuration's layer count matches the layers whose tensors the file holds
+    (``layer`` captures the index in a tensor name). Checked before anything is built
+    per layer, so a file claiming 2**31 layers fails at once."""
+    layers = {int(m.group(1)) for name in names if (m := layer.match(name))}
+    if claimed != len(layers) or (layers and max(layers) != claimed - 1):
+        raise ModelFileError(
+            path, f"claims {claimed} layers, but the file holds tensors for {len(layers)}", key
+        )
 
 
 def copy_rows(dst: np.ndarray, src: np.ndarray, heads: int = 0) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
+from service.api.validation import settings_of, validation_message
 from service.engine.types import (
     EngineDead,
     EngineError,
@@ -26,6 +27,8 @@ from service.engine.types import (
     QueueFull,
     RequestError,
     RequestFailed,
+    TemplateError,
+    TemplateRaised,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,6 +120,16 @@ def from_engine_error(exc: EngineError) -> APIError:
     return internal_error()
 
 
+def template_error(exc: TemplateError, param: str) -> APIError:
+    """A chat template that refused the conversation on purpose (``raise_exception``)
+    is the request's fault: 400. One that broke or exceeded a limit is the model's:
+    a 500 that says so and names the template, not the generic one."""
+    if isinstance(exc, TemplateRaised):
+        return bad_request(str(exc), param, code="chat_template_rejected")
+    logger.error("chat template failure: %s", exc)
+    return APIError(500, str(exc), code="chat_template_error")
+
+
 def internal_error() -> APIError:
     return APIError(500, "internal server error", code="internal_error")
 
@@ -131,28 +144,13 @@ def as_api_error(exc: BaseException) -> APIError:
     return internal_error()
 
 
-def validation_message(errors: Sequence[Any]) -> tuple[str, str | None]:
-    """A one-line message naming the first bad field, and that field as ``param``."""
-    first = dict(errors[0]) if errors else {}
-    if first.get("type") == "json_invalid":
-        detail = (first.get("ctx") or {}).get("error", "invalid JSON")
-        return f"malformed JSON body: {detail}", None
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
-    message = str(first.get("msg", "invalid request"))
-    extra = f" (and {len(errors) - 1} more errors)" if len(errors) > 1 else ""
-    if param is None:
-        return f"invalid request body: {message}{extra}", None
-    return f"invalid value for '{param}': {message}{extra}", param
-
-
 async def _on_error(request: Request, exc: Exception) -> Response:
     return as_api_error(exc).response()
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> Response:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    message, param = validation_message(errors)
+    message, param = validation_message(errors, settings_of(request.app.state))
     return bad_request(message, param=param, code="invalid_value").response()
 
 

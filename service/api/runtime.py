@@ -53,7 +53,12 @@ def load_engine(settings: Settings) -> ServedEngine:
     device = None if settings.device == "auto" else settings.device
     config = EngineConfig(**settings.engine_kwargs())
     engine: ServedEngine = Engine.from_pretrained(
-        settings.model, config=config, dtype=dtype, device=device, weights=settings.weights
+        settings.model,
+        config=config,
+        dtype=dtype,
+        device=device,
+        weights=settings.weights,
+        model_name=settings.model_name,
     )
     return engine
 

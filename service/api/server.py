@@ -25,6 +25,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from service.api.app import create_app
+from service.api.protocol import guarded_protocol
 from service.api.runtime import Runtime
 from service.settings import Settings
 
@@ -148,7 +149,9 @@ def uvicorn_config(app: Any, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
-        http="h11",  # h11 enforces the header-size limit below
+        # h11 enforces the header-size limit below; the guard adds the request deadline
+        # and the connection cap (service/api/protocol.py says why uvicorn's own don't do)
+        http=guarded_protocol(settings.request_timeout, settings.max_connections),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         lifespan="on",
         access_log=False,  # one access-log line per request comes from our middleware

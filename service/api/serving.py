@@ -91,12 +91,13 @@ async def prompt_ids(
     limits: Limits,
     prompt: str | Sequence[int],
     param: str = "prompt",
-    add_special_tokens: bool = True,
+    parse_special: bool = False,
 ) -> list[int]:
     """The prompt as token ids within the server's prompt limit; text is tokenized off the
-    event loop. The engine checks the ids themselves when the request reaches it."""
+    event loop, special-token spellings as plain text unless ``parse_special``. The
+    engine checks the ids themselves when the request reaches it."""
     if isinstance(prompt, str):
-        ids = await engine.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
+        ids = await engine.encode(prompt, parse_special=parse_special) if prompt else []
     else:
         ids = list(prompt)
     if not ids:

@@ -123,6 +123,7 @@ class Engine:
         self.metrics = EngineMetrics(self.registry, model_name)
         num_blocks = kv_cache_blocks(model, config)
         self.max_model_len = self._context_len(num_blocks * config.block_size)
+        model.reserve_positions(self.max_model_len)  # position tables: the context in use
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, config, num_blocks, self.max_model_len)
@@ -160,9 +161,11 @@ class Engine:
         device: torch.device | str | None = None,
         registry: CollectorRegistry | None = None,
         weights: WeightsMode = "auto",
+        model_name: str | None = None,
     ) -> Engine:
         """Load a model and its tokenizer by registry name or path (``weights``: see
-        ``model.loading.load_model``)."""
+        ``model.loading.load_model``). ``model_name`` labels the metrics (default:
+        the loaded model's name)."""
         from model.loading import load_model
         from model.tokenizer import Tokenizer
 
@@ -172,7 +175,8 @@ class Engine:
         def build() -> Engine:
             loaded = load_model(name_or_path, dtype=dtype, device=device, weights=weights)
             tokenizer = Tokenizer.from_path(loaded.path)
-            return cls(loaded.model, tokenizer, config or EngineConfig(), loaded.name, registry)
+            name = model_name or loaded.name
+            return cls(loaded.model, tokenizer, config or EngineConfig(), name, registry)
 
         return _in_passing_thread(build)
 
@@ -246,9 +250,14 @@ class Engine:
 
     # -- requests -------------------------------------------------------------------
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Tokenize in a worker thread: a long prompt never blocks the event loop."""
-        return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens)
+    async def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Tokenize in a worker thread: a long prompt never blocks the event loop.
+        Special-token spellings stay plain text unless ``parse_special``."""
+        return await asyncio.to_thread(
+            self.tokenizer.encode, text, add_special_tokens, parse_special
+        )
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         """Validate and enqueue now (raising ``RequestError``, ``QueueFull``,

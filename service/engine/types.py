@@ -11,6 +11,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+# The chat template's errors, re-exported for the API layer.
+from model.chat_template import TemplateError as TemplateError
+from model.chat_template import TemplateRaised as TemplateRaised
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 Pooling = Literal["mean", "last"]
 
@@ -167,7 +171,16 @@ class TokenizerLike(Protocol):
     vocab_size: int
     eos_token_ids: frozenset[int]
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = False
+    ) -> list[int]: ...
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        """The rendered conversation and its ids; only the template's markers are
+        control tokens. Raises ``TemplateRaised`` or another ``TemplateError``."""
+        ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
@@ -187,8 +200,11 @@ class EngineClient(Protocol):
 
     async def stop(self, drain_timeout: float = 30.0) -> None: ...
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Tokenize off the event loop."""
+    async def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        """Tokenize off the event loop; special-token spellings are plain text unless
+        ``parse_special``."""
         ...
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:

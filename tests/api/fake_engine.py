@@ -19,6 +19,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from model.chat_template import TemplateFailed, TemplateRaised
 from model.config import ModelConfig
 from service.engine.embedding import tokenize_inputs
 from service.engine.request import validate_request
@@ -43,8 +44,16 @@ class FakeTokenizer:
     vocab_size = VOCAB
     eos_token_ids = frozenset({EOS})
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = False
+    ) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+    ) -> tuple[str, list[int]]:
+        text = self.apply_chat_template(messages, add_generation_prompt)
+        return text, self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -53,7 +62,9 @@ class FakeTokenizer:
         self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
     ) -> str:
         if any(m["content"] == "__template_error__" for m in messages):
-            raise ValueError("conversation roles must alternate")
+            raise TemplateRaised("the chat template of fake refused: roles must alternate")
+        if any(m["content"] == "__template_broken__" for m in messages):
+            raise TemplateFailed("the chat template of fake exceeded a limit: time")
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
@@ -96,8 +107,10 @@ class FakeEngine:
         for request_id in list(self.running):
             self.abort(request_id)
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tokenizer.encode(text, add_special_tokens)
+    async def encode(
+        self, text: str, add_special_tokens: bool = True, parse_special: bool = False
+    ) -> list[int]:
+        return self._tokenizer.encode(text, add_special_tokens, parse_special)
 
     def _check_accepting(self) -> None:
         if self.dead:

@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from service.api import server
+from service.api.protocol import GuardedH11Protocol
 from service.settings import Settings, get_settings
 
 
@@ -107,7 +108,9 @@ def test_bad_command_lines_exit_2(argv):
 def test_uvicorn_config_is_one_h11_process_without_access_log():
     settings = Settings(max_header_bytes=8192, port=8123)
     config = server.uvicorn_config(object(), settings)
-    assert config.http == "h11" and config.h11_max_incomplete_event_size == 8192
+    assert issubclass(config.http, GuardedH11Protocol)  # type: ignore[arg-type]
+    assert config.http.request_timeout == 15.0 and config.http.max_connections == 512  # type: ignore[union-attr]
+    assert config.h11_max_incomplete_event_size == 8192
     assert config.access_log is False and config.workers == 1 and config.port == 8123
 
 

@@ -30,8 +30,7 @@ def engine() -> Iterator[Engine]:
 
 
 def chat(engine: Engine, text: str) -> list[int]:
-    prompt = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}])
-    return engine.tokenizer.encode(prompt)
+    return engine.tokenizer.encode_chat([{"role": "user", "content": text}])[1]
 
 
 def test_greedy_equals_the_bare_model_loop_and_stops_at_end_of_turn(engine) -> None:

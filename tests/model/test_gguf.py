@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from model.config import ConfigError
+from model.gpt import ROPE_POSITIONS_AT_LOAD
 from model.kv_cache import ForwardBatch
 from model.loading import ModelFileError, load_gguf, load_model
 from model.loading.dequant import SUPPORTED_TYPES, dequantize
@@ -487,3 +489,69 @@ def test_malformed_content_raises_model_file_error(good, tmp_path, edit, key, er
 def test_missing_file(tmp_path):
     with pytest.raises(ModelFileError):
         load_gguf(tmp_path / "nothing.gguf")
+
+
+# -- claimed sizes: checked against the file and bounds before anything is sized -------
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("claimed", [2, 2**31, 2**32 - 1], ids=["2", "2^31", "2^32-1"])
+def test_block_count_beyond_the_file_fails_fast(good, tmp_path, claimed):
+    """A file claiming more layers than it holds tensors for is refused before the
+    load plan loops over the claimed count (which hung on 2^31)."""
+    _, tensors, meta = good
+    meta = {**meta, "llama.block_count": ("add_uint32", claimed)}
+    meta.pop("general.architecture", None)
+    path = write_gguf(tmp_path / "layers.gguf", "llama", dict(tensors), meta)
+    start = time.perf_counter()
+    with pytest.raises(ModelFileError) as err:
+        load_gguf(path)
+    assert time.perf_counter() - start < 2.0
+    assert err.value.key == "llama.block_count", str(err.value)
+
+
+@pytest.mark.timeout(60)
+def test_huge_context_length_is_refused_with_the_typed_error(good, tmp_path):
+    _, tensors, meta = good
+    meta = {**meta, "llama.context_length": ("add_uint32", 2**32 - 1)}
+    meta.pop("general.architecture", None)
+    path = write_gguf(tmp_path / "context.gguf", "llama", dict(tensors), meta)
+    with pytest.raises(ModelFileError) as err:
+        load_gguf(path)
+    assert err.value.key == "llama.context_length", str(err.value)
+    assert str(2**24) in str(err.value)  # the bound it is held to
+
+
+@pytest.mark.timeout(60)
+def test_long_claimed_context_sizes_rope_tables_from_the_context_in_use(good, tmp_path):
+    """A context within the bound (2^22 here) loads without tables for all of it;
+    they grow to what a sequence (or the engine's context) uses."""
+    _, tensors, meta = good
+    meta = {**meta, "llama.context_length": ("add_uint32", 2**22)}
+    meta.pop("general.architecture", None)
+    path = write_gguf(tmp_path / "long.gguf", "llama", dict(tensors), meta)
+    model, config = load_gguf(path)
+    assert config.max_seq_len == 2**22
+    assert model.rope_cos is not None and model.rope_cos.shape[0] <= ROPE_POSITIONS_AT_LOAD
+    model.reserve_positions(5000)
+    assert model.rope_cos.shape[0] == 5000
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("llama.embedding_length", 2**40),
+        ("llama.feed_forward_length", 2**40),
+        ("llama.attention.head_count", 2**20),
+        ("llama.attention.head_count_kv", 2**20),
+        ("llama.attention.key_length", 2**20),
+    ],
+)
+def test_every_claimed_size_is_bounded(good, tmp_path, key, value):
+    _, tensors, meta = good
+    meta = {**meta, key: ("add_uint64", value)}
+    meta.pop("general.architecture", None)
+    path = write_gguf(tmp_path / "size.gguf", "llama", dict(tensors), meta)
+    with pytest.raises(ModelFileError) as err:
+        load_gguf(path)
+    assert err.value.key == key, str(err.value)

@@ -45,7 +45,9 @@ router = APIRouter(tags=["native"], responses=ERROR_RESPONSES)
 async def generate(body: GenerateBody, request: Request, ctx: ServedDep) -> Any:
     """Generate text for one prompt; ``"stream": true`` answers with Server-Sent Events."""
     body.check(ctx.limits)
-    ids = await prompt_ids(ctx.engine, ctx.limits, body.prompt)
+    ids = await prompt_ids(
+        ctx.engine, ctx.limits, body.prompt, parse_special=body.parse_special_tokens
+    )
     max_tokens = resolve_max_tokens(
         body.max_tokens, len(ids), ctx.limits, ctx.limits.default_max_tokens
     )
@@ -74,8 +76,13 @@ async def embed(body: EmbedBody, request: Request, ctx: ServedDep) -> EmbedOut:
 
 @router.post("/tokenize", response_model=TokenizeOut)
 async def tokenize(body: TokenizeBody, ctx: ServedDep) -> TokenizeOut:
-    """Token ids of a text, as the model sees it."""
-    tokens = await ctx.engine.encode(body.text, add_special_tokens=body.add_special_tokens)
+    """Token ids of a text, as the model sees it. Special-token spellings are plain text
+    unless ``parse_special_tokens`` (as for prompts)."""
+    tokens = await ctx.engine.encode(
+        body.text,
+        add_special_tokens=body.add_special_tokens,
+        parse_special=body.parse_special_tokens,
+    )
     return TokenizeOut(tokens=tokens, count=len(tokens))
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from service.api.errors import ERROR_RESPONSES, APIError, bad_request
+from service.api.errors import ERROR_RESPONSES, APIError, bad_request, template_error
 from service.api.render_openai import (
     Reply,
     UsageSink,
@@ -32,7 +32,7 @@ from service.api.schemas.openai import (
 )
 from service.api.serving import Generation, prompt_ids, resolve_max_tokens, until_disconnect
 from service.api.sse import SSE_RESPONSE, SSEResponse
-from service.engine.types import GenerateRequest
+from service.engine.types import GenerateRequest, TemplateError
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
 _STARTED = int(time.time())
@@ -53,7 +53,10 @@ async def get_model(model_id: str, ctx: ServedDep) -> ModelCard:
 async def completions(body: CompletionBody, request: Request, ctx: ServedDep) -> Any:
     check_model(body.model, ctx)
     body.check(ctx.limits)
-    prompts = [await prompt_ids(ctx.engine, ctx.limits, prompt) for prompt in body.prompts()]
+    prompts = [
+        await prompt_ids(ctx.engine, ctx.limits, prompt, parse_special=body.parse_special_tokens)
+        for prompt in body.prompts()
+    ]
     log_prompt(request, ctx, body.prompt)
     requests = [
         GenerateRequest(
@@ -86,9 +89,9 @@ async def completions(body: CompletionBody, request: Request, ctx: ServedDep) ->
 async def chat_completions(body: ChatCompletionBody, request: Request, ctx: ServedDep) -> Any:
     check_model(body.model, ctx)
     body.check(ctx.limits)
-    text = await _render_chat(body, ctx)
+    text, rendered = await _render_chat(body, ctx)
     log_prompt(request, ctx, text)
-    ids = await prompt_ids(ctx.engine, ctx.limits, text, "messages", add_special_tokens=False)
+    ids = await prompt_ids(ctx.engine, ctx.limits, rendered, "messages")
     max_tokens = _max_tokens(body.requested_max_tokens, ids, ctx, default=False)
     requests = [
         GenerateRequest(ids, body.to_sampling_params(max_tokens, choice))
@@ -152,15 +155,16 @@ def _max_tokens(requested: int | None, ids: list[int], ctx: Served, default: boo
     return resolve_max_tokens(requested, len(ids), ctx.limits, fallback)
 
 
-async def _render_chat(body: ChatCompletionBody, ctx: Served) -> str:
-    """The conversation through the model's chat template, off the event loop."""
+async def _render_chat(body: ChatCompletionBody, ctx: Served) -> tuple[str, list[int]]:
+    """The conversation through the model's chat template, and its token ids, off the
+    event loop. Only the template's own markers become control tokens."""
     messages = [message.to_template() for message in body.messages]
     try:
         return await asyncio.to_thread(
-            ctx.engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True
+            ctx.engine.tokenizer.encode_chat, messages, add_generation_prompt=True
         )
-    except ValueError as exc:
-        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
+    except TemplateError as exc:
+        raise template_error(exc, "messages") from exc
 
 
 def _usage_sink(request: Request) -> UsageSink:

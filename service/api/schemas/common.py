@@ -50,6 +50,13 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Seed = Annotated[int | None, Field(ge=0, le=SEED_MAX)]
 TopLogprobs = Annotated[int | None, Field(ge=0, le=HARD_MAX_LOGPROBS)]
 ChoiceCount = Annotated[int, Field(ge=1, le=HARD_MAX_N)]
+ParseSpecial = Annotated[
+    bool,
+    Field(
+        description="false (the default): special-token spellings in the text, such as "
+        "<|im_start|>, are plain text; true: they become control tokens"
+    ),
+]
 
 
 class UsageOut(ResponseModel):

@@ -10,6 +10,7 @@ from service.api.schemas.common import (
     MAX_TEXT_CHARS,
     MaxTokens,
     NonEmptyText,
+    ParseSpecial,
     ResponseModel,
     SamplingFields,
     StopList,
@@ -34,6 +35,7 @@ class GenerateBody(SamplingFields):
         None, description="return each token's logprob and the top n alternatives"
     )
     stream: bool = False
+    parse_special_tokens: ParseSpecial = False
     return_token_ids: bool = Field(False, description="include the generated token ids")
 
     def check(self, limits: Limits) -> None:
@@ -98,6 +100,7 @@ class EmbedOut(ResponseModel):
 class TokenizeBody(StrictModel):
     text: str = Field(max_length=MAX_TEXT_CHARS)
     add_special_tokens: bool = True
+    parse_special_tokens: ParseSpecial = False
 
 
 class TokenizeOut(ResponseModel):

@@ -21,6 +21,7 @@ from service.api.schemas.common import (
     ChoiceCount,
     MaxTokens,
     NonEmptyText,
+    ParseSpecial,
     ResponseModel,
     SamplingFields,
     StopList,
@@ -83,6 +84,7 @@ class CompletionBody(_SamplingFields):
     echo: bool = Field(False, description="only false")
     best_of: Annotated[int | None, Field(ge=1, le=128, description="only equal to n")] = None
     suffix: Annotated[str | None, Field(max_length=0, description="not supported")] = None
+    parse_special_tokens: ParseSpecial = False
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompts as a list of texts or a list of token-id lists."""

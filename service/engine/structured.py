@@ -101,9 +101,7 @@ def grammar_text(constraint: Constraint) -> str:
             raise BadRequest(f"{param} must be a JSON schema object", param)
         if _depth(schema, MAX_SCHEMA_DEPTH) > MAX_SCHEMA_DEPTH:
             raise BadRequest(f"{param} nests deeper than {MAX_SCHEMA_DEPTH} levels", param)
-        return llguidance.LLMatcher.grammar_from_json_schema(
-            text, defaults=cast(Any, JSON_OPTIONS)
-        )
+        return llguidance.LLMatcher.grammar_from_json_schema(text, defaults=cast(Any, JSON_OPTIONS))
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(text)
     if kind == "choice":

@@ -32,6 +32,7 @@ from service.api.schemas.openai import (
 )
 from service.api.serving import Generation, prompt_ids, resolve_max_tokens, until_disconnect
 from service.api.sse import SSE_RESPONSE, SSEResponse
+from service.api.tools import ToolPlan, fallback_messages, template_supports_tools
 from service.engine.types import GenerateRequest
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
@@ -86,7 +87,8 @@ async def completions(body: CompletionBody, request: Request, ctx: ServedDep) ->
 async def chat_completions(body: ChatCompletionBody, request: Request, ctx: ServedDep) -> Any:
     check_model(body.model, ctx)
     body.check(ctx.limits)
-    text = await _render_chat(body, ctx)
+    plan = body.tool_plan()
+    text = await _render_chat(body, ctx, plan)
     log_prompt(request, ctx, text)
     ids = await prompt_ids(ctx.engine, ctx.limits, text, "messages", add_special_tokens=False)
     max_tokens = _max_tokens(body.requested_max_tokens, ids, ctx, default=False)
@@ -101,6 +103,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, ctx: Serv
         len(ids),
         body.logprobs,
         body.include_usage,
+        tools=plan,
     )
     generation = await until_disconnect(request, Generation.start(ctx.engine, requests))
     if body.stream:
@@ -152,13 +155,20 @@ def _max_tokens(requested: int | None, ids: list[int], ctx: Served, default: boo
     return resolve_max_tokens(requested, len(ids), ctx.limits, fallback)
 
 
-async def _render_chat(body: ChatCompletionBody, ctx: Served) -> str:
-    """The conversation through the model's chat template, off the event loop."""
+async def _render_chat(body: ChatCompletionBody, ctx: Served, plan: ToolPlan | None) -> str:
+    """The conversation through the model's chat template, off the event loop. Tools, tool
+    calls and tool results go to a template that knows them, else through the fallback
+    (``service/api/tools.py``)."""
     messages = [message.to_template() for message in body.messages]
+    tokenizer = ctx.engine.tokenizer
+    kwargs: dict[str, Any] = {"add_generation_prompt": True}
+    if template_supports_tools(getattr(tokenizer, "chat_template", None)):
+        if plan is not None:
+            kwargs["tools"] = plan.tools
+    elif plan is not None or any(m.role == "tool" or m.tool_calls for m in body.messages):
+        messages = fallback_messages(messages, plan)
     try:
-        return await asyncio.to_thread(
-            ctx.engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True
-        )
+        return await asyncio.to_thread(tokenizer.apply_chat_template, messages, **kwargs)
     except ValueError as exc:
         raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
 

@@ -83,7 +83,9 @@ async def _batch(engine: Engine, n: int, constrained: bool, tokens: int) -> list
         for i in range(n)
     ]
     prompts = [prompt_ids(engine.tokenizer, 32, offset=i) for i in range(n)]
-    return list(await asyncio.gather(*(_stream(engine, p, s) for p, s in zip(prompts, params))))
+    return list(
+        await asyncio.gather(*(_stream(engine, p, s) for p, s in zip(prompts, params, strict=True)))
+    )
 
 
 def compile_times(engine: Engine, reps: int) -> dict[str, Any]:

@@ -9,7 +9,8 @@ array, and ``tool`` results as user messages ``Result of NAME (call ID): CONTENT
 Output. With ``tool_choice`` ``required`` or a named function, the output is
 constrained to a JSON array of calls ``[{"name": ..., "arguments": {...}}]``: names
 from the list (or the named one), arguments valid against the function's
-``parameters``, one call only when ``parallel_tool_calls`` is false. With ``auto``
+``parameters``, one call when ``parallel_tool_calls`` is false or a function is
+named, else at most one per tool (16 at most). With ``auto``
 the model writes freely; a reply that is such an array, one such object, or
 ``<tool_call>{...}</tool_call>`` blocks (what tool-aware templates teach) becomes
 ``tool_calls``; anything else stays text.
@@ -78,11 +79,14 @@ class ToolPlan:
             }
             for f in allowed
         ]
+        # A named function is called once; otherwise at most one call per tool: a small
+        # model left free to append calls repeats them until max_tokens cuts the array.
+        most = min(len(allowed), MAX_PARALLEL_CALLS) if self.parallel else 1
         schema = {
             "type": "array",
             "items": calls[0] if len(calls) == 1 else {"anyOf": calls},
             "minItems": 1,
-            "maxItems": MAX_PARALLEL_CALLS if self.parallel else 1,
+            "maxItems": most,
         }
         return Constraint("json_schema", json.dumps(schema, sort_keys=True), "tools")
 

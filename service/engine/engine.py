@@ -396,7 +396,7 @@ class Engine:
         if step.chunks:
             tables = [self.blocks.tables[c.seq.request_id].blocks for c in step.chunks]
             sampling = [c for c in step.chunks if c.produces_token]
-            masks = self._start_masks(sampling)  # computed while the forward runs
+            masks = self._start_masks(sampling)  # on CUDA computed while the forward runs
             logits = self.runner.forward(step.chunks, tables)
             failed: dict[int, Exception] = {}
             if masks is not None:
@@ -434,7 +434,7 @@ class Engine:
         if not rows:
             return None
         if self._masks is None:
-            self._masks = MaskWorker(self.model_config.vocab_size)
+            self._masks = MaskWorker(self.model_config.vocab_size, self.device.type == "cuda")
         return self._masks.start(rows, [chunks[i].seq.state.matcher for i in rows])
 
     def _sample(

@@ -10,9 +10,10 @@ that chose it). Three parts:
   a ``BadRequest`` naming the request field that carried it.
 * Each constrained request gets its own matcher (a copy of the template) in its
   ``RequestState``; the engine feeds it every token the request samples.
-* ``MaskJob`` computes the token masks of a step's constrained rows in a worker
-  thread while the forward pass runs, then sets the disallowed logits of those
-  rows, and only those, to -inf. A step without constrained rows does none of it.
+* ``MaskWorker`` computes the token masks of a step's constrained rows (on CUDA in
+  a worker thread while the forward pass runs), then ``MaskJob.apply`` sets the
+  disallowed logits of those rows, and only those, to -inf. A step without
+  constrained rows does none of it.
 """
 
 from __future__ import annotations
@@ -267,26 +268,43 @@ def build_lltokenizer(tokenizer: Any, vocab_width: int) -> llguidance.LLTokenize
 
 
 class MaskWorker:
-    """Computes token masks in a thread of its own while the engine thread runs the forward."""
+    """Computes a step's token masks: on CUDA in a thread of its own while the forward runs
+    on the device; on the CPU in the engine thread before the forward.
 
-    def __init__(self, vocab_width: int) -> None:
+    On the CPU the forward's OpenMP team already holds every core: mask threads running
+    beside it preempt team members, and each parallel region then waits a scheduler time
+    slice for them (measured: decode steps several times slower on two cores). There the
+    masks run alone, one matcher after another, with no thread of their own.
+    """
+
+    def __init__(self, vocab_width: int, overlap: bool) -> None:
         import llguidance
 
         self.vocab_width = vocab_width
         self.words = (vocab_width + 31) // 32
+        self.overlap = overlap
         self._executor = llguidance.LLExecutor(max(1, min(4, os.cpu_count() or 1)))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gptserve-mask")
 
     def start(self, rows: Sequence[int], matchers: Sequence[llguidance.LLMatcher]) -> MaskJob:
         bitmask = np.empty((len(rows), self.words), dtype=np.int32)
-        pairs = [(m, j) for j, m in enumerate(matchers)]
-        future = self._pool.submit(
-            self._executor.unsafe_compute_mask_ptr,
-            pairs,
-            bitmask.ctypes.data,
-            self.words * 4,
-            len(rows),
-        )
+        future: Future[Any] = Future()
+        if self.overlap:
+            pairs = [(m, j) for j, m in enumerate(matchers)]
+            future = self._pool.submit(
+                self._executor.unsafe_compute_mask_ptr,
+                pairs,
+                bitmask.ctypes.data,
+                self.words * 4,
+                len(rows),
+            )
+        else:
+            try:
+                for j, matcher in enumerate(matchers):
+                    matcher.unsafe_compute_mask_ptr(bitmask[j].ctypes.data, self.words * 4)
+                future.set_result(None)
+            except Exception as exc:  # raised again by apply(): those rows fail alone
+                future.set_exception(exc)
         return MaskJob(list(rows), bitmask, future, self.vocab_width)
 
     def close(self) -> None:

@@ -342,6 +342,34 @@ def memory_kv_f16_line(results: R) -> str:
     )
 
 
+def structured_section(results: R) -> str:
+    s = results.get("structured") or {}
+    if "batch1" not in s:
+        return "Not run." + error_line(results, "structured")
+    rows = [
+        [
+            n,
+            num(s[f"batch{n}"]["unconstrained_tpot_ms"]),
+            num(s[f"batch{n}"]["constrained_tpot_ms"]),
+            f"{s[f'batch{n}']['overhead_pct']:+.1f}%",
+        ]
+        for n in (1, 16)
+    ]
+    c = s.get("compile") or {}
+    return (
+        "`python -m bench.structured_bench`: the engine (no HTTP) decoding streams held to a JSON "
+        "schema (arrays of bounded strings and of objects) against unconstrained streams from the "
+        "same prompts, interleaved; time per output token after the first, median of the runs. "
+        "Target: at most 10% more per token.\n\n"
+        + table(["streams", "unconstrained ms/token", "constrained ms/token", "overhead"], rows)
+        + f"\n\nCompile time of the {len(c.get('per_schema_median_ms', {}))} test schemas "
+        f"(bench/structured_schemas.py, {c.get('samples', 'n/a')} compiles without the cache): "
+        f"median {num(c.get('median_ms'))} ms, p99 {num(c.get('p99_ms'))} ms. The grammar "
+        "engine's choice: [structured-output.md](structured-output.md)."
+        + error_line(results, "structured")
+    )
+
+
 def kernels_section(results: R) -> str:
     k = results.get("kernels") or {}
     if "table" not in k:
@@ -406,6 +434,7 @@ def write(doc: Path, results: R, images: Sequence[Path], results_path: Path) -> 
         "## Model load\n\n" + load_section(results),
         "## Offline generation (no engine, no HTTP)\n\n" + offline_section(results),
         "## Engine without HTTP\n\n" + engine_section(results),
+        "## Structured output\n\n" + structured_section(results),
         "## Over HTTP\n\n" + http_section(results),
         "## llama.cpp baseline\n\n" + llamacpp_section(results, images, doc),
         "## Server memory\n\n" + memory_section(results),

@@ -6,7 +6,9 @@ Sections, in order (each one's failure is recorded and the rest still run):
 2. offline: the bare model's greedy loop and decode step vs transformers
    ``generate()`` on the same GGUF, side by side, repeated;
 3. engine: gptserve's engine without HTTP (1 and 16 streams, per-token
-   overhead over the bare model, prefix-cache TTFT);
+   overhead over the bare model, prefix-cache TTFT); then structured: JSON-schema
+   constrained streams against unconstrained ones at batch 1 and 16, and schema
+   compile times (``bench.structured_bench``);
 4. llamacpp: llama.cpp (llama-cpp-python, built once from its source
    distribution) in process on the same GGUF and prompts, right before
    gptserve's single-stream HTTP figures; skipped, with the reason, where it
@@ -230,6 +232,14 @@ def engine_section(state: State) -> None:
         )
 
 
+def structured_section(state: State) -> None:
+    """Constrained decoding cost, in a child process (see ``bench.structured_bench``)."""
+    with section(state, "structured") as out:
+        out.update(
+            run_child("bench.structured_bench", model=state.opts.model, reps=state.opts.reps)
+        )
+
+
 # -- 4. llama.cpp -----------------------------------------------------------------------
 
 
@@ -387,6 +397,7 @@ SECTIONS: dict[str, Callable[[State], None]] = {
     "load": load_section,
     "offline": offline_section,
     "engine": engine_section,
+    "structured": structured_section,
     # Right before the HTTP sweep, whose first figures are the single stream's: the ratios
     # to llama.cpp compare measurements taken minutes apart, not a whole suite apart.
     "llamacpp": llamacpp_section,

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     kv_cache_dtype: KVCacheDtype = _engine_field("kv_cache_dtype")
     enable_prefix_caching: bool = _engine_field("enable_prefix_caching")
     cuda_graphs: bool = _engine_field("cuda_graphs")
+    structured_compile_timeout: float = _engine_field("structured_compile_timeout")
+    structured_cache_size: int = _engine_field("structured_cache_size")
 
     # -- request limits
     max_body_bytes: int = Field(

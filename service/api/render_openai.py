@@ -13,6 +13,7 @@ import numpy as np
 
 from service.api.render import choice_usage, finite, token_bytes, token_text
 from service.api.serving import Choice, Generation
+from service.api.tools import ToolPlan, may_become_call, parse_tool_calls
 from service.engine.types import GenerateEvent, TokenizerLike, TokenLogprob, Usage
 
 UsageSink = Callable[[dict[str, Any]], None]
@@ -28,6 +29,7 @@ class Reply:
     prompt_tokens: int  # each prompt counted once
     logprobs: bool
     include_usage: bool = False
+    tools: ToolPlan | None = None  # chat with tools: replies may be tool calls
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -160,13 +162,19 @@ def chat_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
     rendered = []
     for choice in choices:
         logprobs = chat_logprobs(reply.tokenizer, choice.logprobs) if reply.logprobs else None
-        message = {"role": "assistant", "content": "".join(choice.text)}
+        text = "".join(choice.text)
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        finish: str | None = choice.finish_reason
+        calls = _calls(reply, text, finish)
+        if calls is not None:
+            message = {"role": "assistant", "content": None, "tool_calls": calls}
+            finish = "tool_calls"
         rendered.append(
             {
                 "index": choice.index,
                 "message": message,
                 "logprobs": logprobs,
-                "finish_reason": choice.finish_reason,
+                "finish_reason": finish,
             }
         )
     return reply.body(rendered, [choice_usage(c) for c in choices])
@@ -183,6 +191,9 @@ def chat_chunks(
             "logprobs": logprobs,
             "finish_reason": event.finish_reason,
         }
+
+    if reply.tools is not None:
+        choice = _ToolStream(reply, choice).choice
 
     roles = [
         reply.chunk(
@@ -216,11 +227,77 @@ async def _chunks(
             continue  # a held-back piece: nothing to show yet
         if event.usage is not None:
             usages[index] = event.usage
-        yield reply.chunk([choice(index, event)])
+        rendered = choice(index, event)
+        if rendered:
+            yield reply.chunk([rendered])
     usage = total_usage(list(usages.values()), reply.prompt_tokens)
     on_usage(usage)
     if reply.include_usage:
         yield reply.chunk([], usage)
+
+
+def _calls(reply: Reply, text: str, finish: str | None) -> list[dict[str, Any]] | None:
+    """The tool calls a finished reply makes, if it is calls (a cut-off one is text)."""
+    if reply.tools is None or finish != "stop":
+        return None
+    return parse_tool_calls(text, reply.tools)
+
+
+class _ToolStream:
+    """Streamed chat with tools: text that may be tool calls is held back until it is known;
+    calls are sent as OpenAI's tool-call deltas (a first with id and name, then arguments)."""
+
+    def __init__(self, reply: Reply, plain: Callable[[int, GenerateEvent], dict[str, Any]]) -> None:
+        self.reply = reply
+        self.plain = plain
+        self.held: dict[int, list[str]] = {}  # per choice: text held back
+        self.released: set[int] = set()  # choices known to be text
+
+    def choice(self, index: int, event: GenerateEvent) -> dict[str, Any]:
+        if index in self.released:
+            return self.plain(index, event)
+        held = self.held.setdefault(index, [])
+        held.append(event.text)
+        text = "".join(held)
+        if event.finish_reason is None:
+            if self.reply.tools is not None and (self.reply.tools.forced or may_become_call(text)):
+                return {}  # still undecided: show nothing yet
+            self.released.add(index)
+            return self.plain(index, _with_text(event, text))
+        calls = _calls(self.reply, text, event.finish_reason)
+        if calls is None:
+            self.released.add(index)
+            return self.plain(index, _with_text(event, text))
+        deltas = [
+            {
+                "index": i,
+                "id": call["id"],
+                "type": "function",
+                "function": {
+                    "name": call["function"]["name"],
+                    "arguments": call["function"]["arguments"],
+                },
+            }
+            for i, call in enumerate(calls)
+        ]
+        return {
+            "index": index,
+            "delta": {"tool_calls": deltas},
+            "logprobs": None,
+            "finish_reason": "tool_calls",
+        }
+
+
+def _with_text(event: GenerateEvent, text: str) -> GenerateEvent:
+    return GenerateEvent(
+        event.request_id,
+        event.token_ids,
+        text,
+        event.logprobs,
+        event.finish_reason,
+        event.stop_reason,
+        event.usage,
+    )
 
 
 # -- /v1/embeddings ------------------------------------------------------------------------

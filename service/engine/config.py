@@ -63,6 +63,15 @@ class EngineConfig:
     enable_prefix_caching: bool = setting(True, "share KV blocks of identical prompt prefixes")
     cuda_graphs: bool = setting(True, "capture the decode step in CUDA graphs (CUDA only)")
     decode_graph_batch_sizes: tuple[int, ...] = field(default=DEFAULT_GRAPH_BATCH_SIZES)
+    structured_compile_timeout: float = setting(
+        5.0,
+        "seconds a JSON schema, regex or grammar may take to compile (400 past it)",
+        gt=0.0,
+        le=600.0,
+    )
+    structured_cache_size: int = setting(
+        256, "compiled constraints kept (one per distinct schema, regex or grammar)", ge=1, le=65536
+    )
 
     def __post_init__(self) -> None:
         for f in settings_fields():

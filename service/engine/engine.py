@@ -49,6 +49,7 @@ from service.engine.request import (
 from service.engine.runner import ModelRunner, kv_cache_blocks
 from service.engine.sampler import Sampled, sample_rows
 from service.engine.scheduler import ScheduledChunk, Scheduler, Seq, SeqStatus, Step
+from service.engine.structured import GrammarCompiler, MaskJob, MaskWorker
 from service.engine.types import (
     BadRequest,
     EmbedResult,
@@ -130,6 +131,16 @@ class Engine:
         self.weights = describe_weights(model, model.dtype)
         self.kv_cache_dtype = str(self.runner.kv_cache.dtype).removeprefix("torch.")
         self._eos_ids = frozenset(tokenizer.eos_token_ids)
+        # Constrained decoding: compiles in worker threads; masks start with the first
+        # constrained step (the engine thread creates the worker then).
+        self.grammars = GrammarCompiler(
+            tokenizer,
+            model.config.vocab_size,
+            config.structured_cache_size,
+            config.structured_compile_timeout,
+            self.metrics,
+        )
+        self._masks: MaskWorker | None = None
         self._cond = threading.Condition()
         self._seqs: dict[str, Seq] = {}
         self._aborts: set[str] = set()
@@ -267,17 +278,24 @@ class Engine:
         self._check_accepting()
         validate_request(request, self.model_config.vocab_size, self.max_model_len)
         seq = self._new_sequence(request)
-        with self._cond:
-            self._check_accepting()
-            if request.request_id in self._seqs:
-                raise BadRequest(f"request id {request.request_id!r} is already in flight")
-            self.scheduler.add(seq)
-            self._seqs[request.request_id] = seq
-            self._cond.notify()
-        stream = self._stream(seq)
+        constrained = request.params.constraint is not None
+        if not constrained:
+            self._enqueue(seq)
+        # A constrained request is queued once its grammar has compiled (off this thread);
+        # a compile error is then the stream's first item, before any event.
+        stream = self._stream(seq, compile_first=constrained)
         # A stream dropped before its first iteration never runs its ``finally``.
         seq.state.finalizer = weakref.finalize(stream, self.abort, request.request_id)
         return stream
+
+    def _enqueue(self, seq: Seq) -> None:
+        with self._cond:
+            self._check_accepting()
+            if seq.request_id in self._seqs:
+                raise BadRequest(f"request id {seq.request_id!r} is already in flight")
+            self.scheduler.add(seq)
+            self._seqs[seq.request_id] = seq
+            self._cond.notify()
 
     def _new_sequence(self, request: GenerateRequest) -> Seq:
         params = request.params
@@ -294,10 +312,21 @@ class Engine:
         ids = list(request.prompt_token_ids)
         return Seq(request.request_id, ids, len(ids), params.max_tokens, state=state)
 
-    async def _stream(self, seq: Seq) -> AsyncGenerator[GenerateEvent, None]:
+    async def _stream(
+        self, seq: Seq, compile_first: bool = False
+    ) -> AsyncGenerator[GenerateEvent, None]:
         queue = seq.state.queue
         done = False
         try:
+            if compile_first:
+                constraint = seq.state.params.constraint
+                assert constraint is not None
+                try:
+                    seq.state.matcher = await self.grammars.compile(constraint)
+                    self._enqueue(seq)
+                except BaseException:
+                    done = True  # never queued: nothing to abort
+                    raise
             while not done:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -377,9 +406,16 @@ class Engine:
         self._account(step)
         if step.chunks:
             tables = [self.blocks.tables[c.seq.request_id].blocks for c in step.chunks]
-            logits = self.runner.forward(step.chunks, tables)
             sampling = [c for c in step.chunks if c.produces_token]
-            sampled = self._sample(sampling, logits)
+            masks = self._start_masks(sampling)  # on CUDA computed while the forward runs
+            logits = self.runner.forward(step.chunks, tables)
+            failed: dict[int, Exception] = {}
+            if masks is not None:
+                try:
+                    masks.apply(logits)
+                except Exception as exc:  # those rows fail alone, as a sampling error would
+                    failed = dict.fromkeys(masks.rows, exc)
+            sampled = self._sample(sampling, logits, failed)
             self._advance(step)
             self._emit(sampling, sampled)
         self._flush_outbox()
@@ -403,10 +439,24 @@ class Engine:
 
     # sample --------------------------------------------------------------------------
 
-    def _sample(self, chunks: list[ScheduledChunk], logits: Tensor) -> list[Sampled]:
+    def _start_masks(self, chunks: list[ScheduledChunk]) -> MaskJob | None:
+        """Start the token masks of the constrained rows; None when there are none."""
+        rows = [i for i, c in enumerate(chunks) if c.seq.state.matcher is not None]
+        if not rows:
+            return None
+        if self._masks is None:
+            self._masks = MaskWorker(self.model_config.vocab_size, self.device.type == "cuda")
+        return self._masks.start(rows, [chunks[i].seq.state.matcher for i in rows])
+
+    def _sample(
+        self, chunks: list[ScheduledChunk], logits: Tensor, failed: dict[int, Exception]
+    ) -> list[Sampled]:
         """One token (and its logprobs) per chunk, or the exception its request hit."""
         rows: list[SamplingRow | Exception] = []
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if i in failed:
+                rows.append(failed[i])
+                continue
             try:
                 rows.append(sampling_row(chunk.seq))
             except Exception as exc:
@@ -434,7 +484,7 @@ class Engine:
                 continue
             token, logprob = result
             try:
-                event = next_event(seq, token, logprob, self.max_model_len)
+                event = next_event(seq, token, logprob, self.max_model_len, self._eos_ids)
             except Exception as exc:
                 self._fail(seq, exc)
                 continue
@@ -530,6 +580,9 @@ class Engine:
             job.resolve(EngineUnavailable("the engine stopped"))
         self._flush_outbox()
         self._update_gauges()
+        self.grammars.close()
+        if self._masks is not None:
+            self._masks.close()
 
     def _die(self, exc: BaseException) -> None:
         logger.critical("the engine loop died", exc_info=exc)

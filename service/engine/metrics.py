@@ -9,6 +9,8 @@ TIME_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75,
     1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 )  # fmt: skip
+# 0.1 ms to 10 s: a JSON schema compiles in about a millisecond, the timeout is seconds.
+COMPILE_BUCKETS = (0.0001, 0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
@@ -69,6 +71,26 @@ class EngineMetrics:
         self.iteration_tokens = histogram(
             "gptserve_iteration_tokens", "Tokens computed per engine step.", TOKEN_BUCKETS
         )
+        self.constrained_requests = Counter(
+            "gptserve_constrained_requests",
+            "Requests with an output constraint, by kind (json_schema, regex, ...).",
+            m + ["kind"],
+            registry=registry,
+        )
+        self.constraint_cache_hits = counter(
+            "gptserve_constraint_cache_hits",
+            "Constrained requests whose grammar was already compiled (or compiling).",
+        )
+        self.compile_time = histogram(
+            "gptserve_constraint_compile_seconds",
+            "Time to compile one distinct constraint into a grammar.",
+            COMPILE_BUCKETS,
+        )
+
+    def constrained(self, kind: str, cache_hit: bool) -> None:
+        self.constrained_requests.labels(self.model_name, kind).inc()
+        if cache_hit:
+            self.constraint_cache_hits.inc()
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -43,6 +43,7 @@ class RequestState:
     first_token: float | None = None
     last_token: float | None = None
     finalizer: weakref.finalize | None = None  # aborts a stream dropped unread
+    matcher: Any = None  # the grammar matcher of a constrained request (structured.py)
 
     def __post_init__(self) -> None:
         self.stop_ids = frozenset(self.params.stop_token_ids)
@@ -122,7 +123,11 @@ def sampling_row(seq: Seq) -> SamplingRow:
 
 
 def next_event(
-    seq: Seq, token: int, logprob: TokenLogprob | None, max_model_len: int
+    seq: Seq,
+    token: int,
+    logprob: TokenLogprob | None,
+    max_model_len: int,
+    eos_ids: frozenset[int] = frozenset(),
 ) -> GenerateEvent:
     """Append ``token`` to ``seq`` and say what it means for the client."""
     st: RequestState = seq.state
@@ -130,6 +135,14 @@ def next_event(
     seq.token_ids.append(token)
     reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    grammar_done = False
+    if st.matcher is not None:
+        # The sampled token was allowed by the mask, so the matcher takes it; if it does
+        # not, the request fails alone (RequestFailed) rather than emit invalid output.
+        if not st.matcher.consume_token(token):
+            raise RuntimeError(f"the grammar refused token {token}: {st.matcher.get_error()}")
+        # Nothing but an end token can follow: finish now instead of spending a step on it.
+        grammar_done = token not in eos_ids and st.matcher.is_stopped()
     if token in st.stop_ids:
         reason, stop_reason = "stop", token
         text, _ = st.text.flush()  # the stop token's own text is never emitted
@@ -140,6 +153,10 @@ def next_event(
         text, matched = st.text.push(token)
         if matched is not None:
             reason, stop_reason = "stop", matched
+        elif grammar_done:
+            tail, _ = st.text.flush()
+            text += tail
+            reason = "stop"
         elif seq.num_output_tokens >= p.max_tokens or len(seq.token_ids) >= max_model_len:
             tail, matched = st.text.flush()
             text += tail

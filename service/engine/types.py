@@ -17,6 +17,22 @@ from model.chat_template import TemplateRaised as TemplateRaised
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 Pooling = Literal["mean", "last"]
+ConstraintKind = Literal["json_schema", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match (constrained decoding, ``structured.py``).
+
+    ``text`` is a JSON schema (``json_schema``; ``json_object`` takes ``{"type":
+    "object"}``), a regular expression, a JSON list of strings (``choice``) or a Lark
+    grammar (``grammar``, llguidance's dialect). ``param`` names the request field
+    it came from, for error messages; it is not part of the constraint's identity.
+    """
+
+    kind: ConstraintKind
+    text: str
+    param: str = field(default="constraint", compare=False)
 
 
 @dataclass
@@ -36,6 +52,7 @@ class SamplingParams:
     seed: int | None = None  # None: the engine draws one
     logprobs: int | None = None  # None: none; n: the chosen token's plus the top n
     ignore_eos: bool = False
+    constraint: Constraint | None = None  # None: unconstrained
 
 
 @dataclass

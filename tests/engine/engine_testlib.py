@@ -39,9 +39,14 @@ class ByteTokenizer:
     """ids 0..255 are bytes; 256 BOS, 257 EOS, 258 end-of-turn, 259 unused."""
 
     vocab_size = VOCAB
+    bos_token_id = BOS
+    special_token_ids = frozenset({BOS, EOS, IM_END, VOCAB - 1})
 
     def __init__(self, eos_token_ids: Sequence[int] = (EOS, IM_END)) -> None:
         self.eos_token_ids = frozenset(eos_token_ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b""
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return ([BOS] if add_special_tokens else []) + list(text.encode())

@@ -32,6 +32,7 @@ from service.api.schemas.openai import (
 )
 from service.api.serving import Generation, prompt_ids, resolve_max_tokens, until_disconnect
 from service.api.sse import SSE_RESPONSE, SSEResponse
+from service.api.tools import ToolPlan, fallback_messages, template_supports_tools
 from service.engine.types import GenerateRequest, TemplateError
 
 router = APIRouter(prefix="/v1", tags=["openai"], responses=ERROR_RESPONSES)
@@ -89,7 +90,8 @@ async def completions(body: CompletionBody, request: Request, ctx: ServedDep) ->
 async def chat_completions(body: ChatCompletionBody, request: Request, ctx: ServedDep) -> Any:
     check_model(body.model, ctx)
     body.check(ctx.limits)
-    text, rendered = await _render_chat(body, ctx)
+    plan = body.tool_plan()
+    text, rendered = await _render_chat(body, ctx, plan)
     log_prompt(request, ctx, text)
     ids = await prompt_ids(ctx.engine, ctx.limits, rendered, "messages")
     max_tokens = _max_tokens(body.requested_max_tokens, ids, ctx, default=False)
@@ -104,6 +106,7 @@ async def chat_completions(body: ChatCompletionBody, request: Request, ctx: Serv
         len(ids),
         body.logprobs,
         body.include_usage,
+        tools=plan,
     )
     generation = await until_disconnect(request, Generation.start(ctx.engine, requests))
     if body.stream:
@@ -155,14 +158,23 @@ def _max_tokens(requested: int | None, ids: list[int], ctx: Served, default: boo
     return resolve_max_tokens(requested, len(ids), ctx.limits, fallback)
 
 
-async def _render_chat(body: ChatCompletionBody, ctx: Served) -> tuple[str, list[int]]:
+async def _render_chat(
+    body: ChatCompletionBody, ctx: Served, plan: ToolPlan | None
+) -> tuple[str, list[int]]:
     """The conversation through the model's chat template, and its token ids, off the
-    event loop. Only the template's own markers become control tokens."""
+    event loop. Only the template's own markers become control tokens. Tools, tool
+    calls and tool results go to a template that knows them, else through the fallback
+    (``service/api/tools.py``)."""
     messages = [message.to_template() for message in body.messages]
+    tokenizer = ctx.engine.tokenizer
+    kwargs: dict[str, Any] = {"add_generation_prompt": True}
+    if template_supports_tools(getattr(tokenizer, "chat_template", None)):
+        if plan is not None:
+            kwargs["tools"] = plan.tools
+    elif plan is not None or any(m.role == "tool" or m.tool_calls for m in body.messages):
+        messages = fallback_messages(messages, plan)
     try:
-        return await asyncio.to_thread(
-            ctx.engine.tokenizer.encode_chat, messages, add_generation_prompt=True
-        )
+        return await asyncio.to_thread(tokenizer.encode_chat, messages, **kwargs)
     except TemplateError as exc:
         raise template_error(exc, "messages") from exc
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.engine.types import SamplingParams
+from service.engine.types import Constraint, SamplingParams
 from service.settings import (
     HARD_MAX_LOGPROBS,
     HARD_MAX_N,
@@ -89,6 +89,10 @@ class SamplingFields(StrictModel):
         """Top-n logprobs per token for the engine; None: no logprobs."""
         return None
 
+    def engine_constraint(self) -> Constraint | None:
+        """The output constraint (structured output); the bodies that take one override it."""
+        return None
+
     def to_sampling_params(self, max_tokens: int, choice: int = 0) -> SamplingParams:
         """The engine's parameters for choice ``choice`` of this request."""
         # Distinct seeds per choice, or n seeded choices would all be the same text.
@@ -107,4 +111,5 @@ class SamplingFields(StrictModel):
             seed=seed,
             logprobs=self.engine_logprobs,
             ignore_eos=self.ignore_eos,
+            constraint=self.engine_constraint(),
         )

@@ -19,12 +19,14 @@ from service.api.schemas.common import (
     TopLogprobs,
     UsageOut,
 )
+from service.api.schemas.structured import NativeConstraintFields
 from service.api.serving import Limits, check_cap, check_stop
 from service.settings import HARD_MAX_BATCH
 
 
-class GenerateBody(SamplingFields):
-    """``POST /generate``: sampling parameters are flat; every number is bounded."""
+class GenerateBody(NativeConstraintFields, SamplingFields):
+    """``POST /generate``: sampling parameters are flat; every number is bounded. At most
+    one of ``json_schema``, ``regex``, ``choice``, ``grammar`` constrains the output."""
 
     prompt: NonEmptyText
     max_tokens: MaxTokens = None

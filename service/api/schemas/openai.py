@@ -3,14 +3,17 @@
 Supported fields follow the OpenAI API. Accepted but ignored because they are
 harmless: ``user``, an empty ``logit_bias``, a message ``name``. Refused with
 400: ``echo: true``, ``suffix``, ``best_of`` other than ``n``, a non-empty
-``logit_bias``, and any field not declared here (tools, response_format, ...).
+``logit_bias``, and any field not declared here.
 Extensions (as in vLLM): ``top_k``, ``min_p``, ``repetition_penalty``,
-``ignore_eos``, ``stop_token_ids``.
+``ignore_eos``, ``stop_token_ids``. Structured output and tools (``response_format``,
+``guided_*``, ``structured_outputs``, ``tools``, ``tool_choice``,
+``parallel_tool_calls``): ``schemas/structured.py``.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, cast
+import json
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import Field
 
@@ -31,7 +34,15 @@ from service.api.schemas.common import (
     TokenIds,
     TopLogprobs,
 )
+from service.api.schemas.structured import (
+    FunctionName,
+    GuidedFields,
+    ToolFields,
+    one_constraint,
+)
 from service.api.serving import Limits, check_cap, check_stop
+from service.api.tools import ToolPlan
+from service.engine.types import Constraint
 from service.settings import HARD_MAX_BATCH
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
@@ -75,7 +86,7 @@ class _SamplingFields(SamplingFields):
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
 
 
-class CompletionBody(_SamplingFields):
+class CompletionBody(GuidedFields, _SamplingFields):
     """``POST /v1/completions``."""
 
     prompt: PromptText | PromptBatch | TokenIds | TokenBatch
@@ -111,23 +122,89 @@ class TextPart(StrictModel):
     text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
+# -- tool calls in the conversation (structured output and tools) ---------------------
+
+
+class ToolCallFunction(StrictModel):
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+
+class ToolCallIn(StrictModel):
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"]
+    function: ToolCallFunction
+
+
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message with tool_calls (checked by ChatCompletionBody).
     content: (
         Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
         | Annotated[list[TextPart], Field(max_length=1024)]
-    )
+        | None
+    ) = None
     name: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
+    tool_calls: Annotated[list[ToolCallIn] | None, Field(max_length=128)] = None
+    tool_call_id: Annotated[str | None, Field(min_length=1, max_length=256)] = None
 
-    def to_template(self) -> dict[str, str]:
-        content = (
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return (
             self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
         )
+
+    def to_template(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content}
+        message: dict[str, Any] = {"role": role, "content": self.text}
+        if self.tool_calls:
+            # Templates (as in transformers) read the arguments as a mapping.
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _arguments(c.function.arguments),
+                    },
+                }
+                for c in self.tool_calls
+            ]
+        if self.role == "tool":
+            message["tool_call_id"] = self.tool_call_id
+            if self.name is not None:
+                message["name"] = self.name
+        return message
+
+    def check(self, index: int) -> None:
+        param = f"messages.{index}"
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise bad_request(
+                "content may be null only in an assistant message with tool_calls",
+                f"{param}.content",
+            )
+        if self.tool_calls and self.role != "assistant":
+            raise bad_request("only assistant messages carry tool_calls", f"{param}.tool_calls")
+        if self.role == "tool" and self.tool_call_id is None:
+            raise bad_request("a tool message needs tool_call_id", f"{param}.tool_call_id")
+        for j, call in enumerate(self.tool_calls or []):
+            if not isinstance(_arguments(call.function.arguments), dict):
+                raise bad_request(
+                    "arguments must be a JSON object, as a string",
+                    f"{param}.tool_calls.{j}.function.arguments",
+                )
 
 
-class ChatCompletionBody(_SamplingFields):
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class ChatCompletionBody(GuidedFields, ToolFields, _SamplingFields):
     """``POST /v1/chat/completions``."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=4096)]
@@ -152,6 +229,31 @@ class ChatCompletionBody(_SamplingFields):
         self.check_common(limits, self.top_logprobs)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        for i, message in enumerate(self.messages):
+            message.check(i)
+        self.check_tools()
+        self.engine_constraint()  # two constraints at once: a 400 now
+
+    def tool_plan(self) -> ToolPlan | None:
+        """How the tools are used; None without tools or with tool_choice "none"."""
+        mode = self.tool_mode()
+        if mode == "none" or not self.tools:
+            return None
+        named = mode not in ("auto", "required")
+        return ToolPlan(
+            tools=[t.model_dump(exclude_none=True) for t in self.tools],
+            mode="named" if named else mode,
+            forced_name=mode if named else None,
+            parallel=self.parallel_tool_calls is not False,
+        )
+
+    def engine_constraint(self) -> Constraint | None:
+        found = self.guided_constraints()
+        plan = self.tool_plan()
+        forced = plan.constraint() if plan is not None else None
+        if forced is not None:
+            found.append(forced)
+        return one_constraint(found)
 
 
 EmbeddingTokens = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TOKEN_LIST)]
@@ -237,9 +339,16 @@ class ChatLogprobs(ResponseModel):
     content: list[ChatTokenLogprob] | None
 
 
+class ToolCallOut(ResponseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: dict[str, str]
+
+
 class AssistantMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(ResponseModel):

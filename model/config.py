@@ -271,7 +271,12 @@ class ModelConfig:
         return self.n_kv_head * self.head_dim
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain JSON types: tuples become lists, ``rope_scaling`` a dict (or None)."""
+        out = asdict(self)
+        out["layer_types"] = list(self.layer_types)
+        if out["rope_scaling"] is not None:
+            out["rope_scaling"]["freq_factors"] = list(out["rope_scaling"]["freq_factors"])
+        return out
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:

@@ -195,8 +195,11 @@ def test_served_over_http_with_streaming_and_chat_template(
         ]
     server: LiveServer = server_factory("--model", str(gemma_file), "--weights", "float")
     name = httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"]
-    body = {"model": name, "messages": messages, "max_tokens": 16, "temperature": 0, "stream": True}
-    text, finish = [], None
+    body = {
+        "model": name, "messages": messages, "max_tokens": 16, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    text, finish, usage = [], None, None
     with httpx.stream(
         "POST", f"{server.base_url}/v1/chat/completions", json=body, timeout=120
     ) as response:
@@ -204,9 +207,16 @@ def test_served_over_http_with_streaming_and_chat_template(
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            choice = json.loads(line[6:])["choices"][0]
-            text.append(choice["delta"].get("content") or "")
-            finish = choice.get("finish_reason") or finish
+            chunk = json.loads(line[6:])
+            usage = chunk.get("usage") or usage
+            if chunk["choices"]:
+                choice = chunk["choices"][0]
+                text.append(choice["delta"].get("content") or "")
+                finish = choice.get("finish_reason") or finish
     assert finish in ("stop", "length")
-    assert "".join(text) == tokenizer.decode(expected)
-    assert "Paris" in "".join(text)
+    # The 270M checkpoint is the pretrained one, not instruction-tuned: what it
+    # says is not checked, only that the server says exactly what we computed,
+    # from the same templated prompt (one BOS, Gemma's turn tokens).
+    assert "".join(text) == tokenizer.decode(expected) and expected
+    assert usage is not None and usage["prompt_tokens"] == len(ids)
+    assert ids[0] == tokenizer.bos_token_id and ids[1] != tokenizer.bos_token_id

@@ -408,15 +408,18 @@ def test_truncated_and_foreign_files(gguf_path: Path, tmp_path: Path) -> None:
         Tokenizer.from_path(tmp_path / "missing.gguf")
 
 
-def test_dir_with_non_byte_level_tokenizer(tmp_path: Path) -> None:
+def test_dir_with_metaspace_tokenizer_is_sentencepiece(tmp_path: Path) -> None:
+    # SentencePiece-style tokenizers load (model/sentencepiece.py); others are refused
+    # by decoder name (tests/model/test_sentencepiece.py).
     from tokenizers import decoders
     from tokenizers.models import BPE
 
     backend = Backend(BPE(vocab={"a": 0, "\u2581": 1}, merges=[]))
     backend.decoder = decoders.Metaspace()
     backend.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(TokenizerError, match="byte-level"):
-        Tokenizer.from_dir(tmp_path)
+    tokenizer = Tokenizer.from_dir(tmp_path)
+    assert tokenizer.sentencepiece and tokenizer.strip_first_space
+    assert tokenizer.token_bytes(1) == b" "
 
 
 def test_from_path_accepts_an_upper_case_gguf_suffix(gguf_path: Path, tmp_path: Path) -> None:

@@ -67,6 +67,6 @@ async def info(ctx: ServedDep) -> InfoOut:
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return {
-        k: v if isinstance(v, (str, int, float, bool, type(None), list)) else str(v)
+        k: v if isinstance(v, (str, int, float, bool, type(None), list, dict)) else str(v)
         for k, v in config.items()
     }

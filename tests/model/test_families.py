@@ -205,6 +205,7 @@ def test_gguf_rope_scaling_it_cannot_do_is_refused(tmp_path: Path):
     w.add_block_count(1)
     w.add_string("llama.rope.scaling.type", "yarn")
     w.add_tensor("token_embd.weight", torch.zeros(8, 32).numpy())
+    w.add_tensor("blk.0.attn_norm.weight", torch.zeros(32).numpy())  # the claimed layer
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

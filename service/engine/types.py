@@ -32,6 +32,11 @@ class SamplingParams:
     seed: int | None = None  # None: the engine draws one
     logprobs: int | None = None  # None: none; n: the chosen token's plus the top n
     ignore_eos: bool = False
+    # -- what other servers' clients send (vLLM's names) --
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many are generated
+    skip_special_tokens: bool = True  # in the text deltas
+    prompt_logprobs: int | None = None  # None: none; n: each prompt token's plus the top n
 
 
 @dataclass
@@ -57,6 +62,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens the model found likelier (prompt logprobs)
 
 
 @dataclass
@@ -75,6 +81,9 @@ class GenerateEvent:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     usage: Usage | None = None
+    # On a request's first event when it asked for them: one entry per prompt token,
+    # the first None (nothing precedes it), each with ``rank`` set.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -172,7 +181,7 @@ class TokenizerLike(Protocol):
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str: ...
 
 

@@ -219,6 +219,48 @@ class Tokenizer:
         logger.debug("tokenizer from %s in %.3f s", path, time.perf_counter() - start)
         return tokenizer
 
+    # -- export ----------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, model_max_length: int | None = None) -> list[Path]:
+        """Write a Hugging Face tokenizer directory (``tokenizer.json``,
+        ``tokenizer_config.json`` with the chat template, ``special_tokens_map.json``) that
+        ``transformers.AutoTokenizer`` loads to the same ids as ``encode``. Returns the files."""
+        from tokenizers import processors
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        backend = _Backend.from_str(self._backend.to_str())
+        if self._prefix or self._suffix:  # what encode(add_special_tokens=True) adds
+            before = [self._token_text(i) for i in self._prefix]
+            after = [self._token_text(i) for i in self._suffix]
+            pieces = {(self._token_text(i), i) for i in [*self._prefix, *self._suffix]}
+            backend.post_processor = processors.TemplateProcessing(
+                single=" ".join([*before, "$A", *after]), special_tokens=sorted(pieces)
+            )
+        files = [out / "tokenizer.json", out / "tokenizer_config.json"]
+        backend.save(str(files[0]))
+        special = {
+            key: self._token_text(token_id)
+            for key, token_id in (
+                ("bos_token", self.bos_token_id),
+                ("eos_token", self.eos_token_id),
+            )
+            if token_id is not None
+        }
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": bool(self._suffix),
+            "model_max_length": model_max_length or 1_000_000_000,
+            "chat_template": self.chat_template or DEFAULT_CHAT_TEMPLATE,
+            **special,
+        }
+        files[0].parent.joinpath("tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        files.append(out / "special_tokens_map.json")
+        files[2].write_text(json.dumps(special, indent=2))
+        return files
+
     # -- text <-> ids ----------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -267,9 +309,11 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> str:
-        """The prompt text for a conversation. Raises TokenizerError (a ValueError)
-        for malformed messages or when the template refuses them."""
+        """The prompt text for a conversation; ``kwargs`` are more template variables (as
+        transformers passes them). Raises TokenizerError (a ValueError) for malformed
+        messages or when the template refuses them."""
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
             raise TokenizerError("messages must be a list of objects")
         # Like transformers: a None field (OpenAI's content=None) counts as absent,
@@ -277,6 +321,7 @@ class Tokenizer:
         messages = [{k: v for k, v in m.items() if v is not None} for m in messages]
         try:
             return self._template.render(
+                **kwargs,
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 tools=tools,

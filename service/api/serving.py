@@ -136,14 +136,19 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
     usage: Usage | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, event: GenerateEvent) -> None:
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         self.text.append(event.text)
         self.token_ids.extend(event.token_ids)
         self.logprobs.extend(event.logprobs or [])
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+            self.stop_reason = event.stop_reason
             self.usage = event.usage
 
 

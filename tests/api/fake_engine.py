@@ -50,10 +50,13 @@ class FakeTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str:
         if any(m["content"] == "__template_error__" for m in messages):
             raise ValueError("conversation roles must alternate")
+        if kwargs:
+            text = "".join(f"[{k}={v}]" for k, v in sorted(kwargs.items()))
+            return text + "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
@@ -115,6 +118,22 @@ class FakeEngine:
         self.running_gauge.set(len(self.running))
         return self._stream(request)
 
+    @staticmethod
+    def _prompt_logprobs(request: GenerateRequest) -> list[TokenLogprob | None]:
+        """Token k of the prompt gets logprob -k/10 and rank 2; the top n are ids 0, 1, ..."""
+        n = request.params.prompt_logprobs or 0
+        prompt = request.prompt_token_ids
+        top = [(t, -0.01 * (t + 1)) for t in range(n)]
+        return [None] + [
+            TokenLogprob(t, -k / 10, list(top), rank=2) for k, t in enumerate(prompt[1:], start=1)
+        ]
+
+    def _at(self, request: GenerateRequest, i: int, event: GenerateEvent) -> GenerateEvent:
+        """The first event carries the prompt logprobs, as in the engine."""
+        if i == 0 and request.params.prompt_logprobs is not None:
+            event.prompt_logprobs = self._prompt_logprobs(request)
+        return event
+
     async def _stream(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         params, prompt = request.params, request.prompt_token_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -126,7 +145,7 @@ class FakeEngine:
                 else:
                     await asyncio.sleep(0)
                 if request.request_id not in self.running:
-                    yield self._final(request, out, "", "abort")
+                    yield self._at(request, i, self._final(request, out, "", "abort"))
                     return
                 if self.fail_after is not None and i >= self.fail_after:
                     raise RequestFailed("sampling failed")
@@ -134,19 +153,20 @@ class FakeEngine:
                 out.append(token)
                 lps = self._logprobs(token, params.logprobs)
                 if token == EOS and not params.ignore_eos or token in params.stop_token_ids:
-                    yield self._final(request, out, "", "stop", lps)
+                    yield self._at(request, i, self._final(request, out, "", "stop", lps))
                     return
                 delta = decoder.decode(bytes([token]) if token < 256 else b"")
                 text += delta
                 hit = next((s for s in params.stop if s in text), None)
                 if hit is not None:
-                    yield self._final(request, out, _before_stop(text, delta, hit), "stop", lps)
+                    before = _before_stop(text, delta, hit)
+                    yield self._at(request, i, self._final(request, out, before, "stop", lps))
                     return
                 last = i == params.max_tokens - 1
                 if last:
-                    yield self._final(request, out, delta, "length", lps)
+                    yield self._at(request, i, self._final(request, out, delta, "length", lps))
                     return
-                yield GenerateEvent(request.request_id, [token], delta, lps)
+                yield self._at(request, i, GenerateEvent(request.request_id, [token], delta, lps))
         finally:
             # Closed or cancelled before its last event: the real engine aborts it.
             self.abort(request.request_id)

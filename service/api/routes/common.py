@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
 
+from service.api.errors import bad_request
 from service.api.middleware import scope_state
 from service.api.runtime import Served
+from service.api.schemas.dialects import template_kwargs
 from service.api.serving import check_cap, prompt_ids, until_disconnect
 from service.engine.types import EmbedResult, Pooling
 
@@ -34,7 +37,7 @@ def record_tokens(request: Request, prompt_tokens: int, completion_tokens: int) 
 async def run_embed(
     request: Request,
     ctx: Served,
-    inputs: Sequence[str] | Sequence[list[int]],
+    inputs: Sequence[str | list[int]],
     pooling: Pooling,
     normalize: bool,
 ) -> EmbedResult:
@@ -48,3 +51,34 @@ async def run_embed(
 
 def embedding_dim(result: EmbedResult) -> int:
     return len(result.embeddings[0]) if result.embeddings else 0
+
+
+async def render_messages(
+    ctx: Served,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    kwargs: dict[str, Any] | None = None,
+) -> str:
+    """Messages through the chat template (vLLM's controls), off the event loop.
+    ``continue_final_message``: the text ends where the final message's content ends."""
+    extra = template_kwargs(kwargs)
+    try:
+        text = await asyncio.to_thread(
+            ctx.engine.tokenizer.apply_chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            **extra,
+        )
+    except ValueError as exc:
+        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
+    if continue_final_message:
+        final = str(messages[-1].get("content") or "")
+        cut = text.rfind(final) if final else -1
+        if cut < 0:
+            raise bad_request(
+                "the chat template does not show the final message's content",
+                "continue_final_message",
+            )
+        text = text[: cut + len(final)]
+    return text

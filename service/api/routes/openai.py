@@ -2,24 +2,33 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from service.api.errors import ERROR_RESPONSES, APIError, bad_request
 from service.api.render_openai import (
+    PromptView,
     Reply,
     UsageSink,
+    best_choices,
     chat_body,
     chat_chunks,
     completion_body,
     completion_chunks,
+    drop_generated,
     embedding_data,
 )
-from service.api.routes.common import embedding_dim, log_prompt, record_tokens, run_embed
+from service.api.routes.common import (
+    embedding_dim,
+    log_prompt,
+    record_tokens,
+    render_messages,
+    run_embed,
+)
 from service.api.runtime import Served, ServedDep
+from service.api.schemas.dialects import ignored_fields, ignored_header
 from service.api.schemas.openai import (
     ChatCompletionBody,
     ChatCompletionOut,
@@ -40,28 +49,47 @@ _STARTED = int(time.time())
 
 @router.get("/models", response_model=ModelList)
 async def list_models(ctx: ServedDep) -> ModelList:
-    return ModelList(data=[_card(ctx)])
+    return ModelList(data=[_card(ctx, name) for name in ctx.settings.served_names])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, ctx: ServedDep) -> ModelCard:
     check_model(model_id, ctx)
-    return _card(ctx)
+    return _card(ctx, model_id)
 
 
 @router.post("/completions", response_model=CompletionOut, responses=SSE_RESPONSE)
-async def completions(body: CompletionBody, request: Request, ctx: ServedDep) -> Any:
+async def completions(
+    body: CompletionBody, request: Request, response: Response, ctx: ServedDep
+) -> Any:
     check_model(body.model, ctx)
-    body.check(ctx.limits)
-    prompts = [await prompt_ids(ctx.engine, ctx.limits, prompt) for prompt in body.prompts()]
+    headers = ignored_header(body.check(ctx.limits))
+    texts = body.prompts()
+    prompts = [body.truncate(await prompt_ids(ctx.engine, ctx.limits, prompt)) for prompt in texts]
     log_prompt(request, ctx, body.prompt)
+    # max_tokens 0 (echo only): the prompt's logits draw one token, which is not shown.
+    requested = 1 if body.max_tokens == 0 else body.max_tokens
+    prompt_logprobs = body.engine_prompt_logprobs
     requests = [
         GenerateRequest(
             ids,
-            body.to_sampling_params(_max_tokens(body.max_tokens, ids, ctx, default=True), choice),
+            body.with_dialect(
+                body.to_sampling_params(_max_tokens(requested, ids, ctx, default=True), choice),
+                prompt_logprobs,
+            ),
         )
         for ids in prompts
-        for choice in range(body.n)
+        for choice in range(body.candidates)
+    ]
+    tokenizer = ctx.engine.tokenizer
+    views = [
+        PromptView(
+            ids,
+            text
+            if isinstance(text, str) and body.truncate_prompt_tokens is None
+            else tokenizer.decode(ids, skip_special_tokens=False),
+        )
+        for text, ids in zip(texts, prompts, strict=True)
     ]
     reply = Reply(
         "text_completion",
@@ -70,30 +98,51 @@ async def completions(body: CompletionBody, request: Request, ctx: ServedDep) ->
         sum(map(len, prompts)),
         body.logprobs is not None,
         body.include_usage,
+        continuous_usage=body.continuous_usage,
+        return_token_ids=body.return_token_ids,
+        echo=body.echo,
+        drop_generated=body.max_tokens == 0,
+        num_logprobs=body.logprobs or 0,
+        prompt_logprobs=body.prompt_logprobs is not None,
+        prompts=[views[i // body.n] for i in range(len(prompts) * body.n)],
     )
     generation = await until_disconnect(request, Generation.start(ctx.engine, requests))
     if body.stream:
         return SSEResponse(
-            completion_chunks(reply, generation, _usage_sink(request)), on_close=generation.close
+            completion_chunks(reply, generation, _usage_sink(request)),
+            on_close=generation.close,
+            headers=headers,
         )
     choices = await until_disconnect(
         request, generation.collect([len(r.prompt_token_ids) for r in requests])
     )
+    if body.max_tokens == 0:
+        drop_generated(choices)
+    if body.candidates > body.n:
+        choices = best_choices(choices, body.n, body.candidates)
+    response.headers.update(headers)
     return _recorded(request, completion_body(reply, choices))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionOut, responses=SSE_RESPONSE)
-async def chat_completions(body: ChatCompletionBody, request: Request, ctx: ServedDep) -> Any:
+async def chat_completions(
+    body: ChatCompletionBody, request: Request, response: Response, ctx: ServedDep
+) -> Any:
     check_model(body.model, ctx)
-    body.check(ctx.limits)
+    headers = ignored_header(body.check(ctx.limits))
     text = await _render_chat(body, ctx)
     log_prompt(request, ctx, text)
     ids = await prompt_ids(ctx.engine, ctx.limits, text, "messages", add_special_tokens=False)
+    ids = body.truncate(ids)
     max_tokens = _max_tokens(body.requested_max_tokens, ids, ctx, default=False)
     requests = [
-        GenerateRequest(ids, body.to_sampling_params(max_tokens, choice))
+        GenerateRequest(
+            ids,
+            body.with_dialect(body.to_sampling_params(max_tokens, choice), body.prompt_logprobs),
+        )
         for choice in range(body.n)
     ]
+    last = body.messages[-1]
     reply = Reply(
         "chat.completion",
         ctx.settings.model_name,
@@ -101,20 +150,38 @@ async def chat_completions(body: ChatCompletionBody, request: Request, ctx: Serv
         len(ids),
         body.logprobs,
         body.include_usage,
+        continuous_usage=body.continuous_usage,
+        return_token_ids=body.return_token_ids,
+        prompt_logprobs=body.prompt_logprobs is not None,
+        prompts=[PromptView(ids, text)],
+        chat_echo=last.text if body.echo and last.role == "assistant" else "",
     )
     generation = await until_disconnect(request, Generation.start(ctx.engine, requests))
     if body.stream:
         return SSEResponse(
-            chat_chunks(reply, generation, _usage_sink(request)), on_close=generation.close
+            chat_chunks(reply, generation, _usage_sink(request)),
+            on_close=generation.close,
+            headers=headers,
         )
     choices = await until_disconnect(request, generation.collect([len(ids)] * body.n))
+    response.headers.update(headers)
     return _recorded(request, chat_body(reply, choices))
 
 
 @router.post("/embeddings", response_model=EmbeddingOut)
-async def embeddings(body: EmbeddingBody, request: Request, ctx: ServedDep) -> Any:
+async def embeddings(
+    body: EmbeddingBody, request: Request, response: Response, ctx: ServedDep
+) -> Any:
     check_model(body.model, ctx)
-    result = await run_embed(request, ctx, body.inputs(), pooling="mean", normalize=True)
+    response.headers.update(ignored_header(ignored_fields(body)))
+    inputs = body.inputs()
+    if body.truncate_prompt_tokens is not None:
+        n = body.truncate_prompt_tokens
+        inputs = [
+            ids[-n:]
+            for ids in [await prompt_ids(ctx.engine, ctx.limits, item, "input") for item in inputs]
+        ]
+    result = await run_embed(request, ctx, inputs, pooling="mean", normalize=body.normalize)
     dim = embedding_dim(result)
     if body.dimensions is not None and body.dimensions != dim:
         raise bad_request(
@@ -134,17 +201,15 @@ async def embeddings(body: EmbeddingBody, request: Request, ctx: ServedDep) -> A
 
 
 def check_model(name: str, ctx: Served) -> None:
-    if name != ctx.settings.model_name:
+    if name not in ctx.settings.served_names:
         message = (
             f"the model '{name}' does not exist; this server serves '{ctx.settings.model_name}'"
         )
         raise APIError(404, message, code="model_not_found", param="model")
 
 
-def _card(ctx: Served) -> ModelCard:
-    return ModelCard(
-        id=ctx.settings.model_name, created=_STARTED, max_model_len=ctx.engine.max_model_len
-    )
+def _card(ctx: Served, name: str) -> ModelCard:
+    return ModelCard(id=name, created=_STARTED, max_model_len=ctx.engine.max_model_len)
 
 
 def _max_tokens(requested: int | None, ids: list[int], ctx: Served, default: bool) -> int:
@@ -155,12 +220,13 @@ def _max_tokens(requested: int | None, ids: list[int], ctx: Served, default: boo
 async def _render_chat(body: ChatCompletionBody, ctx: Served) -> str:
     """The conversation through the model's chat template, off the event loop."""
     messages = [message.to_template() for message in body.messages]
-    try:
-        return await asyncio.to_thread(
-            ctx.engine.tokenizer.apply_chat_template, messages, add_generation_prompt=True
-        )
-    except ValueError as exc:
-        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc
+    return await render_messages(
+        ctx,
+        messages,
+        body.add_generation_prompt,
+        body.continue_final_message,
+        body.chat_template_kwargs,
+    )
 
 
 def _usage_sink(request: Request) -> UsageSink:

@@ -30,6 +30,7 @@ HARD_MAX_STOP_LENGTH = 4096
 HARD_MAX_N = 128
 HARD_MAX_LOGPROBS = 20
 HARD_MAX_BATCH = 2048
+MAX_SERVED_NAMES = 16
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
@@ -57,8 +58,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         default=None,
         min_length=1,
-        max_length=256,
-        description="name clients use in `model` (default: --model)",
+        max_length=2048,
+        description="name clients use in `model` (default: --model); several aliases "
+        "separated by commas, the first shown in responses",
     )
     dtype: Dtype = Field(
         default="auto",
@@ -186,8 +188,14 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The name clients send in ``model`` and see in responses."""
-        return self.served_model_name or self.model
+        """The name clients see in responses (the first alias)."""
+        return self.served_names[0]
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name clients may send in ``model`` (``--served-model-name a,b``)."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        return names[:MAX_SERVED_NAMES] or [self.model]
 
     @property
     def api_keys(self) -> list[str]:

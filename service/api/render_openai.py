@@ -46,6 +46,14 @@ class Reply:
     prompt_logprobs: bool = False  # vLLM's prompt_logprobs field
     prompts: Sequence[PromptView] = ()  # per choice, for echo and prompt token ids
     chat_echo: str = ""  # chat echo: the final assistant message the reply continues
+    include_stop_str: bool = False  # a matched stop string ends the text (vLLM)
+
+    def tail(self, finish_reason: str | None, stop_reason: str | int | None) -> str:
+        """The matched stop string when the client wants it in the text."""
+        if self.include_stop_str and finish_reason == "stop" and isinstance(stop_reason, str):
+            return stop_reason
+        return ""
+
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -191,7 +199,9 @@ def completion_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
         rendered.append(
             {
                 "index": choice.index,
-                "text": head + "".join(choice.text),
+                "text": head
+                + "".join(choice.text)
+                + reply.tail(choice.finish_reason, choice.stop_reason),
                 "logprobs": logprobs,
                 "finish_reason": choice.finish_reason,
                 "stop_reason": choice.stop_reason,
@@ -259,7 +269,11 @@ def completion_chunks(
         started.add(index)
         prompt = reply.prompts[index] if reply.prompts else PromptView([], "")
         head, lps = _echo_part(reply, event.prompt_logprobs, prompt) if first else ("", [])
-        text = "" if reply.drop_generated else event.text
+        text = (
+            ""
+            if reply.drop_generated
+            else event.text + reply.tail(event.finish_reason, event.stop_reason)
+        )
         generated = [] if reply.drop_generated else (event.logprobs or [])
         logprobs = None
         if reply.logprobs:
@@ -290,7 +304,8 @@ def chat_body(reply: Reply, choices: Sequence[Choice]) -> dict[str, Any]:
     rendered = []
     for choice in choices:
         logprobs = chat_logprobs(reply.tokenizer, choice.logprobs) if reply.logprobs else None
-        message = {"role": "assistant", "content": reply.chat_echo + "".join(choice.text)}
+        text = "".join(choice.text) + reply.tail(choice.finish_reason, choice.stop_reason)
+        message = {"role": "assistant", "content": reply.chat_echo + text}
         item: dict[str, Any] = {
             "index": choice.index,
             "message": message,
@@ -314,9 +329,10 @@ def chat_chunks(
 ) -> AsyncIterator[dict[str, Any]]:
     def choice(index: int, event: GenerateEvent) -> dict[str, Any]:
         logprobs = chat_logprobs(reply.tokenizer, event.logprobs or []) if reply.logprobs else None
+        text = event.text + reply.tail(event.finish_reason, event.stop_reason)
         out = {
             "index": index,
-            "delta": {"content": event.text} if event.text else {},
+            "delta": {"content": text} if text else {},
             "logprobs": logprobs,
             "finish_reason": event.finish_reason,
         }

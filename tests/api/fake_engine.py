@@ -160,7 +160,9 @@ class FakeEngine:
                 hit = next((s for s in params.stop if s in text), None)
                 if hit is not None:
                     before = _before_stop(text, delta, hit)
-                    yield self._at(request, i, self._final(request, out, before, "stop", lps))
+                    final = self._final(request, out, before, "stop", lps)
+                    final.stop_reason = hit
+                    yield self._at(request, i, final)
                     return
                 last = i == params.max_tokens - 1
                 if last:

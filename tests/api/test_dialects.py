@@ -156,6 +156,20 @@ def test_return_token_ids(client):
     assert [t for e in events[:-1] for t in e["choices"][0]["token_ids"]] == [97, 98]
 
 
+def test_include_stop_str_in_output(client):
+    assert completion(client, prompt="abcd", stop="c").json()["choices"][0]["text"] == "ab"
+    kept = completion(
+        client, prompt="abcd", max_tokens=4, stop="c", include_stop_str_in_output=True
+    )
+    assert kept.json()["choices"][0]["text"] == "abc"
+    body = chat(client, max_tokens=9, stop=["h"], include_stop_str_in_output=True).json()
+    assert body["choices"][0]["message"]["content"] == "<user>h"
+    events = sse_events(
+        chat(client, max_tokens=9, stop="h", include_stop_str_in_output=True, stream=True).text
+    )
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1]) == "<user>h"
+
+
 def test_mixed_prompt_lists(client):
     body = completion(client, prompt=["ab", [120, 121]]).json()
     assert [c["text"] for c in body["choices"]] == ["ab", "xy"]

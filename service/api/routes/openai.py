@@ -101,6 +101,7 @@ async def completions(
         continuous_usage=body.continuous_usage,
         return_token_ids=body.return_token_ids,
         echo=body.echo,
+        include_stop_str=body.include_stop_str_in_output,
         drop_generated=body.max_tokens == 0,
         num_logprobs=body.logprobs or 0,
         prompt_logprobs=body.prompt_logprobs is not None,
@@ -154,6 +155,7 @@ async def chat_completions(
         return_token_ids=body.return_token_ids,
         prompt_logprobs=body.prompt_logprobs is not None,
         prompts=[PromptView(ids, text)],
+        include_stop_str=body.include_stop_str_in_output,
         chat_echo=last.text if body.echo and last.role == "assistant" else "",
     )
     generation = await until_disconnect(request, Generation.start(ctx.engine, requests))

@@ -75,6 +75,7 @@ class ClientFields(StrictModel):
     logit_bias: LogitBias = None
     min_tokens: MinTokens = 0
     return_token_ids: bool = False
+    include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: TruncatePrompt = None

@@ -6,6 +6,7 @@ the exported tokenizer."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from tests.integration.live_server import MODEL
+from tests.integration.live_server import MODEL, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -201,3 +202,61 @@ def test_exported_tokenizer_equals_the_served_one(server, tmp_path):
     assert hf(rendered, add_special_tokens=False)["input_ids"] == served
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert config["eos_token"] and config["chat_template"]
+
+
+LM_EVAL = """
+import json, sys
+from lm_eval import simple_evaluate
+from lm_eval.tasks import TaskManager
+
+base, tokenizer, tasks_dir = sys.argv[1:4]
+manager = TaskManager(include_path=tasks_dir)
+common = "model=%s,num_concurrent=1,max_retries=1,timeout=300" % sys.argv[4]
+runs = {
+    "mc": simple_evaluate(
+        model="local-completions",
+        model_args=f"{common},base_url={base}/v1/completions,tokenizer={tokenizer}",
+        tasks=["gptserve_tiny_mc"], task_manager=manager, log_samples=True,
+    ),
+    "gen": simple_evaluate(
+        model="local-chat-completions",
+        model_args=f"{common},base_url={base}/v1/chat/completions",
+        tasks=["gptserve_tiny_gen"], task_manager=manager, log_samples=True,
+        apply_chat_template=True,
+    ),
+}
+out = {
+    name: {"results": r["results"], "resps": [s["filtered_resps"] for t in r["samples"].values() for s in t]}
+    for name, r in runs.items()
+}
+print(json.dumps(out, default=str))
+"""
+
+
+def test_lm_eval_end_to_end_with_the_exported_tokenizer(server, tmp_path):
+    """lm-eval's local-completions (loglikelihood: echo + logprobs) on a tiny multiple-choice
+    task of this repository, and local-chat-completions (generation), offline."""
+    tokenizer = tmp_path / "tok"
+    subprocess.run(
+        [sys.executable, "-m", "service.cli", "tokenizer", "export", str(tokenizer)], check=True
+    )
+    offline = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    tasks = REPO / "tests" / "integration" / "lm_eval_tasks"
+    done = subprocess.run(
+        [sys.executable, "-c", LM_EVAL, server, str(tokenizer), str(tasks), MODEL],
+        cwd=REPO,
+        env={**os.environ, **offline, "HF_HOME": str(tmp_path / "hf")},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    mc = out["mc"]
+    assert 0.0 <= mc["results"]["gptserve_tiny_mc"]["acc,none"] <= 1.0
+    # one (loglikelihood, is_greedy) per choice: 3 questions x 3 choices
+    scores = [pair for resps in mc["resps"] for pair in resps]
+    assert len(scores) == 9 and all(-200.0 < float(s[0]) < 0.0 for s in scores)
+    gen = out["gen"]
+    assert "exact_match,none" in gen["results"]["gptserve_tiny_gen"]
+    assert len(gen["resps"]) == 2 and all(r[0].strip() for r in gen["resps"])

@@ -92,13 +92,17 @@ async def prompt_ids(
     prompt: str | Sequence[int],
     param: str = "prompt",
     add_special_tokens: bool = True,
+    truncate: int | None = None,
 ) -> list[int]:
     """The prompt as token ids within the server's prompt limit; text is tokenized off the
-    event loop. The engine checks the ids themselves when the request reaches it."""
+    event loop. The engine checks the ids themselves when the request reaches it.
+    ``truncate``: keep only the last that many tokens (vLLM's truncate_prompt_tokens)."""
     if isinstance(prompt, str):
         ids = await engine.encode(prompt, add_special_tokens=add_special_tokens) if prompt else []
     else:
         ids = list(prompt)
+    if truncate is not None and len(ids) > truncate:
+        ids = ids[-truncate:]
     if not ids:
         raise bad_request("the prompt must not be empty", param, code="empty_prompt")
     if len(ids) > limits.max_prompt_tokens or len(ids) >= limits.context:

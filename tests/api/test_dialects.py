@@ -178,6 +178,9 @@ def test_mixed_prompt_lists(client):
 def test_truncate_prompt_tokens_keeps_the_end(client, engine):
     assert completion(client, prompt="abcdef", truncate_prompt_tokens=2).status_code == 200
     assert engine.requests[-1].prompt_token_ids == [101, 102]
+    # a prompt longer than the context (512) fits once truncated
+    assert completion(client, prompt="x" * 600).status_code == 400
+    assert completion(client, prompt="x" * 600, truncate_prompt_tokens=100).status_code == 200
 
 
 def test_best_of_keeps_the_likeliest(client, engine):

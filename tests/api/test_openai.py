@@ -176,7 +176,7 @@ def test_chat_logprobs(oai):
     "messages",
     [
         [],
-        [{"role": "tool", "content": "x"}],
+        [{"role": "", "content": "x"}],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
         [{"role": "user", "content": "__template_error__"}],
     ],

@@ -65,7 +65,10 @@ async def completions(
     check_model(body.model, ctx)
     headers = ignored_header(body.check(ctx.limits))
     texts = body.prompts()
-    prompts = [body.truncate(await prompt_ids(ctx.engine, ctx.limits, prompt)) for prompt in texts]
+    truncate = body.truncate_prompt_tokens
+    prompts = [
+        await prompt_ids(ctx.engine, ctx.limits, prompt, truncate=truncate) for prompt in texts
+    ]
     log_prompt(request, ctx, body.prompt)
     # max_tokens 0 (echo only): the prompt's logits draw one token, which is not shown.
     requested = 1 if body.max_tokens == 0 else body.max_tokens
@@ -133,8 +136,14 @@ async def chat_completions(
     headers = ignored_header(body.check(ctx.limits))
     text = await _render_chat(body, ctx)
     log_prompt(request, ctx, text)
-    ids = await prompt_ids(ctx.engine, ctx.limits, text, "messages", add_special_tokens=False)
-    ids = body.truncate(ids)
+    ids = await prompt_ids(
+        ctx.engine,
+        ctx.limits,
+        text,
+        "messages",
+        add_special_tokens=False,
+        truncate=body.truncate_prompt_tokens,
+    )
     max_tokens = _max_tokens(body.requested_max_tokens, ids, ctx, default=False)
     requests = [
         GenerateRequest(

@@ -108,11 +108,6 @@ class ClientFields(StrictModel):
                 "truncate_prompt_tokens",
             )
 
-    def truncate(self, ids: list[int]) -> list[int]:
-        """The last ``truncate_prompt_tokens`` ids, as vLLM keeps them (left truncation)."""
-        n = self.truncate_prompt_tokens
-        return ids[-n:] if n is not None and len(ids) > n else ids
-
     def with_dialect(self, params: SamplingParams, prompt_logprobs: int | None) -> SamplingParams:
         return dataclasses.replace(
             params,

@@ -84,16 +84,6 @@ async def completions(
         for ids in prompts
         for choice in range(body.candidates)
     ]
-    tokenizer = ctx.engine.tokenizer
-    views = [
-        PromptView(
-            ids,
-            text
-            if isinstance(text, str) and body.truncate_prompt_tokens is None
-            else tokenizer.decode(ids, skip_special_tokens=False),
-        )
-        for text, ids in zip(texts, prompts, strict=True)
-    ]
     reply = Reply(
         "text_completion",
         ctx.settings.model_name,
@@ -108,9 +98,11 @@ async def completions(
         drop_generated=body.max_tokens == 0,
         num_logprobs=body.logprobs or 0,
         prompt_logprobs=body.prompt_logprobs is not None,
-        prompts=[views[i // body.n] for i in range(len(prompts) * body.n)],
     )
+    # The engine has checked the ids once it started them: only then may they be decoded.
     generation = await until_disconnect(request, Generation.start(ctx.engine, requests))
+    views = _prompt_views(ctx, body, texts, prompts)
+    reply.prompts = [views[i // body.n] for i in range(len(prompts) * body.n)]
     if body.stream:
         return SSEResponse(
             completion_chunks(reply, generation, _usage_sink(request)),
@@ -217,6 +209,23 @@ def check_model(name: str, ctx: Served) -> None:
             f"the model '{name}' does not exist; this server serves '{ctx.settings.model_name}'"
         )
         raise APIError(404, message, code="model_not_found", param="model")
+
+
+def _prompt_views(
+    ctx: Served, body: CompletionBody, texts: list[str | list[int]], prompts: list[list[int]]
+) -> list[PromptView]:
+    """Each prompt's ids and its text for echo: as sent, else (token ids, truncated) decoded.
+    Only after the engine accepted the ids: an id outside the vocabulary is its 400."""
+    views = []
+    for text, ids in zip(texts, prompts, strict=True):
+        if isinstance(text, str) and body.truncate_prompt_tokens is None:
+            shown = text
+        elif body.echo:
+            shown = ctx.engine.tokenizer.decode(ids, skip_special_tokens=False)
+        else:
+            shown = ""
+        views.append(PromptView(ids, shown))
+    return views
 
 
 def _card(ctx: Served, name: str) -> ModelCard:

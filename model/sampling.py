@@ -6,8 +6,8 @@ the engine checks every request's parameters once, when it arrives. ``sample`` n
 synchronises with the host: no ``.item()``, no data-dependent Python branches,
 so a CUDA step runs ahead of the CPU.
 
-Order of operations: penalties -> temperature -> top-k -> top-p -> min-p ->
-draw. Greedy rows (temperature 0) take the argmax of the penalised logits; a
+Order of operations: penalties -> logit bias -> temperature -> top-k -> top-p ->
+min-p -> draw. Greedy rows (temperature 0) take the argmax of the penalised logits; a
 batch of only greedy rows skips all random work and all truncation.
 
 Logprobs are "raw": ``log_softmax(logits)`` in float32 of the model's own
@@ -61,6 +61,8 @@ class SamplingRow:
     seed: int = 0  # the request's seed (taken mod 2**64); with `step`, fixes the draw
     step: int = 0  # how many tokens this sequence has generated so far
     num_logprobs: int | None = None  # None: no top-n; n >= 0: top-n logprobs returned
+    # (token id, value) added to the logits before sampling; -inf bans a token
+    logit_bias: Sequence[tuple[int, float]] = ()
     prompt_ids: Sequence[int] = ()  # only needed when repetition_penalty != 1
     output_ids: Sequence[int] = ()  # only needed when any penalty is set
 
@@ -99,6 +101,15 @@ class Penalties:
 
 
 @dataclass
+class Bias:
+    """Additive logit biases of the rows that set any: one (row, token, value) per entry."""
+
+    rows: Tensor  # (E,) int64
+    tokens: Tensor  # (E,) int64
+    values: Tensor  # (E,) float32
+
+
+@dataclass
 class SamplingBatch:
     """Device tensors for one step, built once from the rows' host parameters."""
 
@@ -111,6 +122,7 @@ class SamplingBatch:
     filters: Filters
     penalties: Penalties | None
     num_top: int | None  # n of the top-n logprobs; None when no row asked
+    bias: Bias | None = None
 
     @classmethod
     def build(
@@ -129,6 +141,7 @@ class SamplingBatch:
             filters=_build_filters(sel, vocab_size, device),
             penalties=_build_penalties(rows, vocab_size, device),
             num_top=max(asked) if asked else None,
+            bias=_build_bias(rows, device),
         )
 
 
@@ -145,6 +158,9 @@ def sample(logits: Tensor, batch: SamplingBatch) -> SampleOutput:
     raw = logits.float()
     lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # (B, 1): raw logprob = logit - lse
     x = raw if batch.penalties is None else apply_penalties(raw, batch.penalties)
+    if batch.bias is not None:  # after penalties; logprobs stay the model's own (raw)
+        b = batch.bias
+        x = x.index_put((b.rows, b.tokens), b.values, accumulate=True)
     token_ids = x.argmax(dim=-1)  # (B,) greedy choice, kept for greedy rows
     if batch.num_random:
         token_ids = _draw_random_rows(x, token_ids, batch)
@@ -340,6 +356,17 @@ def _build_penalties(
         frequency=_floats([r.frequency_penalty for r in sel], device),
         counts=counts,
         seen=seen,
+    )
+
+
+def _build_bias(rows: Sequence[SamplingRow], device: torch.device | str) -> Bias | None:
+    entries = [(i, t, v) for i, r in enumerate(rows) for t, v in r.logit_bias]
+    if not entries:
+        return None
+    return Bias(
+        rows=_ints([e[0] for e in entries], device),
+        tokens=_ints([e[1] for e in entries], device),
+        values=torch.tensor([e[2] for e in entries], dtype=torch.float32, device=device),
     )
 
 

@@ -271,6 +271,48 @@ class Tokenizer:
         logger.debug("tokenizer from %s in %.3f s", path, time.perf_counter() - start)
         return tokenizer
 
+    # -- export ----------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, model_max_length: int | None = None) -> list[Path]:
+        """Write a Hugging Face tokenizer directory (``tokenizer.json``,
+        ``tokenizer_config.json`` with the chat template, ``special_tokens_map.json``) that
+        ``transformers.AutoTokenizer`` loads to the same ids as ``encode``. Returns the files."""
+        from tokenizers import processors
+
+        out = Path(path)
+        out.mkdir(parents=True, exist_ok=True)
+        backend = _Backend.from_str(self._backend.to_str())
+        if self._prefix or self._suffix:  # what encode(add_special_tokens=True) adds
+            before = [self._token_text(i) for i in self._prefix]
+            after = [self._token_text(i) for i in self._suffix]
+            pieces = {(self._token_text(i), i) for i in [*self._prefix, *self._suffix]}
+            backend.post_processor = processors.TemplateProcessing(
+                single=" ".join([*before, "$A", *after]), special_tokens=sorted(pieces)
+            )
+        files = [out / "tokenizer.json", out / "tokenizer_config.json"]
+        backend.save(str(files[0]))
+        special = {
+            key: self._token_text(token_id)
+            for key, token_id in (
+                ("bos_token", self.bos_token_id),
+                ("eos_token", self.eos_token_id),
+            )
+            if token_id is not None
+        }
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            "add_bos_token": self.add_bos,
+            "add_eos_token": bool(self._suffix),
+            "model_max_length": model_max_length or 1_000_000_000,
+            "chat_template": self.chat_template or DEFAULT_CHAT_TEMPLATE,
+            **special,
+        }
+        files[0].parent.joinpath("tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        files.append(out / "special_tokens_map.json")
+        files[2].write_text(json.dumps(special, indent=2))
+        return files
+
     # -- text <-> ids ----------------------------------------------------------
 
     def encode(
@@ -327,11 +369,13 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> str:
-        """The prompt text for a conversation. Raises ``TemplateRaised`` when the
-        template refuses the messages and ``TemplateFailed`` when it breaks or
-        exceeds a limit (both ValueErrors naming the template)."""
-        return self._render(self._checked(messages), add_generation_prompt, tools)
+        """The prompt text for a conversation; ``kwargs`` are more template variables (as
+        transformers passes them). Raises ``TemplateRaised`` when the template refuses
+        the messages and ``TemplateFailed`` when it breaks or exceeds a limit (both
+        ValueErrors naming the template)."""
+        return self._render(self._checked(messages), add_generation_prompt, tools, kwargs)
 
     def encode_chat(
         self,
@@ -339,18 +383,33 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         *,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> tuple[str, list[int]]:
         """The prompt text and its token ids, in which only the template's own markers
-        are control tokens: a special-token spelling inside the messages or tools
-        (a forged "<|im_end|>\n<|im_start|>system") is encoded as plain text."""
+        are control tokens: a special-token spelling inside the messages, tools or
+        template variables (a forged "<|im_end|>\n<|im_start|>system") is encoded as
+        plain text."""
         marked = mark_user_text(
-            {"messages": self._checked(messages), "tools": tools},
+            {"messages": self._checked(messages), "tools": tools, "kwargs": kwargs},
             self._specials,
             avoid=self.chat_template or DEFAULT_CHAT_TEMPLATE,
         )
         rendered = self._render(
-            marked.value["messages"], add_generation_prompt, marked.value["tools"]
+            marked.value["messages"],
+            add_generation_prompt,
+            marked.value["tools"],
+            marked.value["kwargs"],
         )
+        if continue_final_message:  # the text ends where the final message's content ends
+            final = marked.value["messages"][-1].get("content") if messages else None
+            final = final if isinstance(final, str) else ""
+            cut = rendered.rfind(final) if final else -1
+            if cut < 0:
+                raise FinalMessageNotShown(
+                    "the chat template does not show the final message's content"
+                )
+            rendered = rendered[: cut + len(final)]
         text, forged = unmark(rendered, marked)
         encoding = self._backend.encode(text, add_special_tokens=False)
         if not forged:
@@ -387,14 +446,17 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool,
         tools: list[dict[str, Any]] | None,
+        extra: dict[str, Any] | None = None,
     ) -> str:
-        return self._template.render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            tools=tools,
-            bos_token=self._token_text(self.bos_token_id),
-            eos_token=self._token_text(self.eos_token_id),
-        )
+        variables = {
+            **(extra or {}),
+            "messages": messages,
+            "add_generation_prompt": add_generation_prompt,
+            "tools": tools,
+            "bos_token": self._token_text(self.bos_token_id),
+            "eos_token": self._token_text(self.eos_token_id),
+        }
+        return self._template.render(**variables)
 
     def _probe_template(self) -> None:
         """Render a probe conversation once, at load: a template that cannot render one
@@ -406,6 +468,10 @@ class Tokenizer:
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._backend.id_to_token(token_id) or "")
+
+
+class FinalMessageNotShown(TokenizerError):
+    """continue_final_message, but the template does not show the final message's text."""
 
 
 class IncrementalDetokenizer:

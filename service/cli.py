@@ -72,6 +72,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tokenizer_export(args: argparse.Namespace) -> int:
+    from model.registry import resolve_model
+    from model.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_path(resolve_model(args.model))
+    files = tokenizer.save_pretrained(args.dir)
+    print("\n".join(str(f) for f in files))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", default=DEFAULT_MODEL, help="registry name, HF directory or .gguf file"
@@ -104,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     info = sub.add_parser("info", help="print a model's config, parameter count and dtype")
     _add_model_args(info)
     info.set_defaults(func=_cmd_info)
+    tok = sub.add_parser("tokenizer", help="the model's tokenizer for clients")
+    tok_sub = tok.add_subparsers(dest="action", required=True)
+    export = tok_sub.add_parser(
+        "export", help="write a Hugging Face tokenizer directory (same ids as the server)"
+    )
+    export.add_argument("dir", help="directory to write (created if missing)")
+    export.add_argument(
+        "--model", default=DEFAULT_MODEL, help="registry name, HF directory or .gguf file"
+    )
+    export.set_defaults(func=_cmd_tokenizer_export)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

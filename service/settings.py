@@ -31,6 +31,7 @@ HARD_MAX_STOP_LENGTH = 4096
 HARD_MAX_N = 128
 HARD_MAX_LOGPROBS = 20
 HARD_MAX_BATCH = 2048
+MAX_SERVED_NAMES = 16
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d{1,3})?)$")
 
@@ -58,8 +59,9 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         default=None,
         min_length=1,
-        max_length=256,
-        description="name clients use in `model` (default: the model file's stem or the directory's name)",
+        max_length=2048,
+        description="name clients use in `model` (default: the model file's stem or the "
+        "directory's name); several aliases separated by commas, the first shown in responses",
     )
     dtype: Dtype = Field(
         default="auto",
@@ -202,13 +204,19 @@ class Settings(BaseSettings):
 
     @property
     def model_name(self) -> str:
-        """The name clients send in ``model`` and see in responses: by default the
-        model file's stem (``/models/x.gguf`` -> ``x``), so that no path on the
-        host shows in responses, error messages or metric labels."""
-        if self.served_model_name:
-            return self.served_model_name
+        """The name clients see in responses (the first alias)."""
+        return self.served_names[0]
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name clients may send in ``model`` (``--served-model-name a,b``); by
+        default the model file's stem (``/models/x.gguf`` -> ``x``), so that no path on
+        the host shows in responses, error messages or metric labels."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        if names:
+            return names[:MAX_SERVED_NAMES]
         path = Path(self.model)
-        return path.stem if path.suffix.lower() == ".gguf" else path.name or self.model
+        return [path.stem if path.suffix.lower() == ".gguf" else path.name or self.model]
 
     @property
     def api_keys(self) -> list[str]:

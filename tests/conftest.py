@@ -32,3 +32,16 @@ def keyed_server() -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_default_model():
+    """transformers reading the default model's GGUF file (float32), loaded once."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from model.registry import DEFAULT_MODEL, resolve_model
+
+    path = resolve_model(DEFAULT_MODEL)
+    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return hf.eval()

@@ -20,7 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from service.api.auth import PUBLIC_PATHS, AuthMiddleware, KeyChecker
 from service.api.errors import install_error_handlers
 from service.api.middleware import HTTPMetrics, LimitsMiddleware, RequestContextMiddleware
-from service.api.routes import native, openai, ops, ui
+from service.api.routes import native, ollama, openai, ops, responses, ui
 from service.api.runtime import EngineFactory, Runtime, package_version
 from service.settings import Settings, get_settings
 
@@ -58,7 +58,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.http_registry = CollectorRegistry(auto_describe=True)
     install_error_handlers(app)
-    for router in (ops.router, native.router, openai.router):
+    for router in (ops.router, native.router, openai.router, responses.router, ollama.router):
         app.include_router(router)
     if settings.web_ui:
         ui.install(app)

@@ -91,15 +91,26 @@ async def prompt_ids(
     limits: Limits,
     prompt: str | Sequence[int],
     param: str = "prompt",
+    add_special_tokens: bool = True,
+    truncate: int | None = None,
     parse_special: bool = False,
 ) -> list[int]:
     """The prompt as token ids within the server's prompt limit; text is tokenized off the
     event loop, special-token spellings as plain text unless ``parse_special``. The
-    engine checks the ids themselves when the request reaches it."""
+    engine checks the ids themselves when the request reaches it.
+    ``truncate``: keep only the last that many tokens (vLLM's truncate_prompt_tokens)."""
     if isinstance(prompt, str):
-        ids = await engine.encode(prompt, parse_special=parse_special) if prompt else []
+        ids = (
+            await engine.encode(
+                prompt, add_special_tokens=add_special_tokens, parse_special=parse_special
+            )
+            if prompt
+            else []
+        )
     else:
         ids = list(prompt)
+    if truncate is not None and len(ids) > truncate:
+        ids = ids[-truncate:]
     if not ids:
         raise bad_request("the prompt must not be empty", param, code="empty_prompt")
     if len(ids) > limits.max_prompt_tokens or len(ids) >= limits.context:
@@ -137,14 +148,19 @@ class Choice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
     usage: Usage | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def add(self, event: GenerateEvent) -> None:
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         self.text.append(event.text)
         self.token_ids.extend(event.token_ids)
         self.logprobs.extend(event.logprobs or [])
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
+            self.stop_reason = event.stop_reason
             self.usage = event.usage
 
 

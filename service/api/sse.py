@@ -57,6 +57,31 @@ async def sse_stream(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[b
     yield DONE
 
 
+async def named_event_stream(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """Events named by their ``type`` (``event: <type>`` then ``data: <json>``), as the
+    Responses API streams them; no ``[DONE]``. An error after the start is an ``error`` event."""
+    try:
+        async for payload in payloads:
+            yield f"event: {payload.get('type', 'message')}\n".encode() + encode_event(payload)
+    except Exception as exc:
+        body = as_api_error(exc).body()["error"]
+        yield b"event: error\n" + encode_event({"type": "error", **body})
+
+
+async def ndjson_stream(payloads: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """One JSON object per line (Ollama's streaming); an error is an ``{"error": ...}`` line."""
+    try:
+        async for payload in payloads:
+            yield _json_line(payload)
+    except Exception as exc:
+        yield _json_line({"error": as_api_error(exc).body()["error"]["message"]})
+
+
+def _json_line(payload: dict[str, Any]) -> bytes:
+    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return f"{data}\n".encode()
+
+
 class SSEResponse(StreamingResponse):
     """A ``text/event-stream`` response that stops producing as soon as the client leaves.
 
@@ -72,8 +97,9 @@ class SSEResponse(StreamingResponse):
         payloads: AsyncIterator[dict[str, Any]],
         on_close: Callable[[], Awaitable[None]] | None = None,
         headers: dict[str, str] | None = None,
+        encode: Callable[[AsyncIterator[dict[str, Any]]], AsyncIterator[bytes]] = sse_stream,
     ) -> None:
-        super().__init__(sse_stream(payloads), headers={**SSE_HEADERS, **(headers or {})})
+        super().__init__(encode(payloads), headers={**SSE_HEADERS, **(headers or {})})
         self._payloads = payloads
         self._on_close = on_close
 
@@ -110,3 +136,16 @@ async def _close(iterator: Any) -> None:
     if aclose is not None:
         with anyio.CancelScope(shield=True):
             await aclose()
+
+
+class NDJSONResponse(SSEResponse):
+    """Newline-delimited JSON with the same disconnect handling."""
+
+    media_type = "application/x-ndjson"
+
+    def __init__(
+        self,
+        payloads: AsyncIterator[dict[str, Any]],
+        on_close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__(payloads, on_close, encode=ndjson_stream)

@@ -79,14 +79,15 @@ class BlockManager:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    def match_prefix(self, seq_id: str, token_ids: Sequence[int]) -> int:
+    def match_prefix(self, seq_id: str, token_ids: Sequence[int], use_cache: bool = True) -> int:
         """Open a table for ``seq_id`` holding the cached full blocks its tokens start
         with; returns how many tokens they cover. The last token is never matched, so
-        at least one token is left to compute (it yields the next-token logits)."""
+        at least one token is left to compute (it yields the next-token logits).
+        ``use_cache=False`` opens an empty table (every token is computed)."""
         if seq_id in self.tables:
             raise ValueError(f"sequence {seq_id!r} already has blocks")
         table = self.tables[seq_id] = BlockTable()
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or not use_cache:
             return 0
         parent = ROOT_KEY
         bs = self.block_size

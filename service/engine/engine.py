@@ -60,6 +60,7 @@ from service.engine.types import (
     GenerateRequest,
     Pooling,
     RequestFailed,
+    TokenLogprob,
 )
 
 logger = logging.getLogger(__name__)
@@ -303,14 +304,19 @@ class Engine:
         state = RequestState(
             params=params,
             seed=seed,
-            text=TextAssembler(self.tokenizer.detokenizer(skip_special_tokens=True), params.stop),
+            text=TextAssembler(
+                self.tokenizer.detokenizer(skip_special_tokens=params.skip_special_tokens),
+                params.stop,
+            ),
             loop=asyncio.get_running_loop(),
             queue=asyncio.Queue(),
             eos_ids=self._eos_ids,
             arrival=time.perf_counter(),
         )
         ids = list(request.prompt_token_ids)
-        return Seq(request.request_id, ids, len(ids), params.max_tokens, state=state)
+        seq = Seq(request.request_id, ids, len(ids), params.max_tokens, state=state)
+        seq.prompt_logprobs = params.prompt_logprobs is not None
+        return seq
 
     async def _stream(
         self, seq: Seq, compile_first: bool = False
@@ -408,7 +414,10 @@ class Engine:
             tables = [self.blocks.tables[c.seq.request_id].blocks for c in step.chunks]
             sampling = [c for c in step.chunks if c.produces_token]
             masks = self._start_masks(sampling)  # on CUDA computed while the forward runs
-            logits = self.runner.forward(step.chunks, tables)
+            prompt_rows = [c.prompt_rows for c in step.chunks]
+            logits = self.runner.forward(step.chunks, tables, prompt_rows)
+            if any(prompt_rows):  # the prompt rows' logprobs taken: the sampling rows stay
+                logits = self._take_prompt_logprobs(step.chunks, prompt_rows, logits)
             failed: dict[int, Exception] = {}
             if masks is not None:
                 try:
@@ -463,6 +472,46 @@ class Engine:
                 rows.append(exc)
         return sample_rows(rows, logits, self.model_config.vocab_size)
 
+    def _take_prompt_logprobs(
+        self, chunks: list[ScheduledChunk], prompt_rows: list[list[int]], logits: Tensor
+    ) -> Tensor:
+        """Record the prompt logprobs in ``logits`` (laid out as ``ModelRunner.forward``
+        says); return the rows that sample. Costs only the asking requests' own rows."""
+        sample_rows_at: list[int] = []
+        offset = 0
+        for chunk, rows in zip(chunks, prompt_rows, strict=True):
+            if rows:
+                try:
+                    self._record_prompt_logprobs(chunk, rows, logits[offset : offset + len(rows)])
+                except Exception as exc:
+                    self._fail(chunk.seq, exc)
+                offset += len(rows)
+            if chunk.produces_token:
+                sample_rows_at.append(offset)
+                offset += 1
+        return logits[sample_rows_at]
+
+    def _record_prompt_logprobs(self, chunk: ScheduledChunk, rows: list[int], part: Tensor) -> None:
+        seq = chunk.seq
+        st: RequestState = seq.state
+        x = part.float()
+        targets = [seq.token_ids[chunk.start + r + 1] for r in rows]
+        target = torch.tensor(targets, dtype=torch.int64, device=x.device)[:, None]
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        chosen = x.gather(1, target)
+        values = (chosen - lse).squeeze(1).tolist()
+        ranks = ((x > chosen).sum(dim=-1) + 1).tolist()
+        n = st.params.prompt_logprobs or 0
+        top_ids: list[list[int]] = [[] for _ in rows]
+        top_lps: list[list[float]] = [[] for _ in rows]
+        if n:
+            top_vals, top = x.topk(min(n, x.shape[-1]), dim=-1)
+            top_ids, top_lps = top.tolist(), (top_vals - lse).tolist()
+        for i, token in enumerate(targets):
+            top_pairs = list(zip(top_ids[i], top_lps[i], strict=True))
+            st.prompt_logprobs.append(TokenLogprob(token, values[i], top_pairs, rank=ranks[i]))
+        seq.num_prompt_logprobs = chunk.start + rows[-1] + 1
+
     # update ----------------------------------------------------------------------------
 
     def _advance(self, step: Step) -> None:
@@ -488,7 +537,11 @@ class Engine:
             except Exception as exc:
                 self._fail(seq, exc)
                 continue
-            self._observe_token(seq.state, now)
+            st: RequestState = seq.state
+            if seq.prompt_logprobs and not st.prompt_logprobs_sent:
+                event.prompt_logprobs = [None, *st.prompt_logprobs]
+                st.prompt_logprobs_sent = True
+            self._observe_token(st, now)
             self._send(seq, event)
             if event.finish_reason is not None:
                 self._finish(seq, event.finish_reason, now)

@@ -44,6 +44,9 @@ class RequestState:
     last_token: float | None = None
     finalizer: weakref.finalize | None = None  # aborts a stream dropped unread
     matcher: Any = None  # the grammar matcher of a constrained request (structured.py)
+    # the prompt tokens' logprobs (after the first token), taken from the prefill's logits
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
 
     def __post_init__(self) -> None:
         self.stop_ids = frozenset(self.params.stop_token_ids)
@@ -69,6 +72,14 @@ def validate_request(request: GenerateRequest, vocab_size: int, max_model_len: i
     check_token_ids(p.stop_token_ids, vocab_size, "stop_token_ids")
     if p.max_tokens < 1:
         raise BadRequest(f"max_tokens must be at least 1, got {p.max_tokens}", param="max_tokens")
+    check_token_ids(list(p.logit_bias), vocab_size, "logit_bias")
+    if not all(math.isfinite(v) for v in p.logit_bias.values()):
+        raise BadRequest("logit_bias values must be finite", param="logit_bias")
+    if not 0 <= p.min_tokens <= p.max_tokens:
+        raise BadRequest(
+            f"min_tokens must be in [0, max_tokens={p.max_tokens}], got {p.min_tokens}",
+            param="min_tokens",
+        )
     if len(ids) + p.max_tokens > max_model_len:
         raise ContextLengthExceeded(len(ids), p.max_tokens, max_model_len)
     checks = [
@@ -86,6 +97,11 @@ def validate_request(request: GenerateRequest, vocab_size: int, max_model_len: i
         (
             p.logprobs is None or 0 <= p.logprobs <= vocab_size,
             "logprobs",
+            f"must be in [0, {vocab_size}]",
+        ),
+        (
+            p.prompt_logprobs is None or 0 <= p.prompt_logprobs <= vocab_size,
+            "prompt_logprobs",
             f"must be in [0, {vocab_size}]",
         ),
     ]
@@ -113,6 +129,7 @@ def sampling_row(seq: Seq) -> SamplingRow:
         seed=st.seed,
         step=seq.num_output_tokens,
         num_logprobs=p.logprobs,
+        logit_bias=_bias(seq),
     )
     # Token lists only when a penalty reads them: copying them costs per step.
     if row.penalised:
@@ -120,6 +137,17 @@ def sampling_row(seq: Seq) -> SamplingRow:
         if p.repetition_penalty != 1.0:
             row.prompt_ids = seq.token_ids[: seq.num_prompt_tokens]
     return row
+
+
+def _bias(seq: Seq) -> list[tuple[int, float]]:
+    """The request's logit bias, and until ``min_tokens`` are out, a ban on ending."""
+    st: RequestState = seq.state
+    p = st.params
+    bias = list(p.logit_bias.items())
+    if seq.num_output_tokens < p.min_tokens:
+        ends = st.stop_ids if p.ignore_eos else st.stop_ids | st.eos_ids
+        bias.extend((token, -math.inf) for token in sorted(ends))
+    return bias
 
 
 def next_event(

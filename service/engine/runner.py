@@ -82,14 +82,29 @@ class ModelRunner:
             self.graphs.capture()
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[ScheduledChunk], tables: Sequence[list[int]]) -> Tensor:
-        """Logits (N, vocab) of the chunks that sample, in chunk order."""
-        if self.graphs is not None and all(c.length == 1 and c.produces_token for c in chunks):
+    def forward(
+        self,
+        chunks: Sequence[ScheduledChunk],
+        tables: Sequence[list[int]],
+        prompt_rows: Sequence[list[int]] | None = None,
+    ) -> Tensor:
+        """Logits (N, vocab), chunk after chunk: the rows ``prompt_rows[i]`` of chunk i
+        (offsets whose logits give prompt logprobs), then its last row if it samples."""
+        extra = prompt_rows if prompt_rows is not None and any(prompt_rows) else None
+        if (
+            self.graphs is not None
+            and extra is None
+            and all(c.length == 1 and c.produces_token for c in chunks)
+        ):
             logits = self.graphs.run(chunks, tables)
             if logits is not None:
                 return logits
         tokens = [c.seq.token_ids[c.start : c.start + c.length] for c in chunks]
-        rows = [[c.length - 1] if c.produces_token else [] for c in chunks]
+        rows = [
+            (list(extra[i]) if extra is not None else [])
+            + ([c.length - 1] if c.produces_token else [])
+            for i, c in enumerate(chunks)
+        ]
         batch = ForwardBatch.build(
             tokens,
             start_pos=[c.start for c in chunks],

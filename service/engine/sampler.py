@@ -27,7 +27,12 @@ def sample_rows(
 
 
 def _plain_greedy(row: SamplingRow) -> bool:
-    return row.temperature == 0 and row.num_logprobs is None and not row.penalised
+    return (
+        row.temperature == 0
+        and row.num_logprobs is None
+        and not row.penalised
+        and not row.logit_bias
+    )
 
 
 def _sample_isolated(rows: list[SamplingRow], logits: Tensor, vocab_size: int) -> list[Sampled]:

@@ -13,7 +13,9 @@ Contract
   sequences, admitted FIFO while the budget, ``max_num_seqs`` and free blocks
   allow. A long prompt therefore delays running streams by one chunk at most.
 * Admission reuses prefix-cached blocks: those tokens are not recomputed, but
-  the last token always is (its logits give the next token).
+  the last token always is (its logits give the next token). A sequence that
+  wants its prompt's logprobs and has not got them all yet skips the cache: its
+  prompt is computed whole (its own tokens only), and those logits give them.
 * When a running sequence needs a block and none is free, the most recently
   admitted running sequence is preempted: its blocks are freed, it goes back to
   the front of the waiting queue and later recomputes its prompt and generated
@@ -61,6 +63,13 @@ class Seq:
     status: SeqStatus = SeqStatus.WAITING
     num_preemptions: int = 0
     state: RequestState = field(kw_only=True)  # the engine's per-request state
+    prompt_logprobs: bool = False  # the logprobs of its prompt tokens are wanted
+    num_prompt_logprobs: int = 0  # positions whose next-token logprobs were taken
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt positions remain whose logits (for the next prompt token) are wanted."""
+        return self.prompt_logprobs and self.num_prompt_logprobs < self.num_prompt_tokens - 1
 
     @property
     def num_output_tokens(self) -> int:
@@ -85,6 +94,17 @@ class ScheduledChunk:
     def produces_token(self) -> bool:
         """The chunk reaches the end of the known tokens: its logits give a new token."""
         return self.start + self.length == len(self.seq.token_ids)
+
+    @property
+    def prompt_rows(self) -> list[int]:
+        """Offsets in the chunk whose logits give a prompt token's logprob (the token after
+        them is a prompt token), for a sequence that wants them and lacks them."""
+        seq = self.seq
+        if not seq.needs_prompt_logprobs:
+            return []
+        first = max(self.start, seq.num_prompt_logprobs)
+        last = min(self.start + self.length, seq.num_prompt_tokens - 1)
+        return [p - self.start for p in range(first, last)]
 
 
 @dataclass
@@ -181,7 +201,9 @@ class Scheduler:
     def _admit(self, step: Step, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.blocks.match_prefix(seq.request_id, seq.token_ids)
+            cached = self.blocks.match_prefix(
+                seq.request_id, seq.token_ids, use_cache=not seq.needs_prompt_logprobs
+            )
             n = min(len(seq.token_ids) - cached, budget)
             try:
                 self.blocks.allocate(seq.request_id, cached + n)

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol
 # The chat template's errors, re-exported for the API layer.
 from model.chat_template import TemplateError as TemplateError
 from model.chat_template import TemplateRaised as TemplateRaised
+from model.tokenizer import FinalMessageNotShown as FinalMessageNotShown
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 Pooling = Literal["mean", "last"]
@@ -53,6 +54,11 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; n: the chosen token's plus the top n
     ignore_eos: bool = False
     constraint: Constraint | None = None  # None: unconstrained
+    # -- what other servers' clients send (vLLM's names) --
+    logit_bias: dict[int, float] = field(default_factory=dict)  # added to the logits
+    min_tokens: int = 0  # EOS and stop_token_ids are banned until this many are generated
+    skip_special_tokens: bool = True  # in the text deltas
+    prompt_logprobs: int | None = None  # None: none; n: each prompt token's plus the top n
 
 
 @dataclass
@@ -78,6 +84,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens the model found likelier (prompt logprobs)
 
 
 @dataclass
@@ -96,6 +103,9 @@ class GenerateEvent:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     usage: Usage | None = None
+    # On a request's first event when it asked for them: one entry per prompt token,
+    # the first None (nothing precedes it), each with ``rank`` set.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -193,16 +203,23 @@ class TokenizerLike(Protocol):
     ) -> list[int]: ...
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> tuple[str, list[int]]:
         """The rendered conversation and its ids; only the template's markers are
-        control tokens. Raises ``TemplateRaised`` or another ``TemplateError``."""
+        control tokens (``kwargs``: more template variables). Raises ``TemplateRaised``
+        or another ``TemplateError``, or ``FinalMessageNotShown``."""
         ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
     ) -> str: ...
 
 

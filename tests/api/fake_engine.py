@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from model.chat_template import TemplateFailed, TemplateRaised
 from model.config import ModelConfig
+from model.tokenizer import FinalMessageNotShown
 from service.engine.embedding import tokenize_inputs
 from service.engine.request import validate_request
 from service.engine.types import (
@@ -50,21 +51,41 @@ class FakeTokenizer:
         return list(text.encode("utf-8"))
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
     ) -> tuple[str, list[int]]:
-        text = self.apply_chat_template(messages, add_generation_prompt)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools=tools, **kwargs)
+        if continue_final_message:
+            final = str(messages[-1].get("content") or "")
+            cut = text.rfind(final) if final else -1
+            if cut < 0:
+                raise FinalMessageNotShown("the chat template does not show the final message")
+            text = text[: cut + len(final)]
         return text, self.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
     ) -> str:
         if any(m["content"] == "__template_error__" for m in messages):
             raise TemplateRaised("the chat template of fake refused: roles must alternate")
         if any(m["content"] == "__template_broken__" for m in messages):
             raise TemplateFailed("the chat template of fake exceeded a limit: time")
+        if kwargs:
+            text = "".join(f"[{k}={v}]" for k, v in sorted(kwargs.items()))
+            return text + "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         text = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 
@@ -128,6 +149,22 @@ class FakeEngine:
         self.running_gauge.set(len(self.running))
         return self._stream(request)
 
+    @staticmethod
+    def _prompt_logprobs(request: GenerateRequest) -> list[TokenLogprob | None]:
+        """Token k of the prompt gets logprob -k/10 and rank 2; the top n are ids 0, 1, ..."""
+        n = request.params.prompt_logprobs or 0
+        prompt = request.prompt_token_ids
+        top = [(t, -0.01 * (t + 1)) for t in range(n)]
+        return [None] + [
+            TokenLogprob(t, -k / 10, list(top), rank=2) for k, t in enumerate(prompt[1:], start=1)
+        ]
+
+    def _at(self, request: GenerateRequest, i: int, event: GenerateEvent) -> GenerateEvent:
+        """The first event carries the prompt logprobs, as in the engine."""
+        if i == 0 and request.params.prompt_logprobs is not None:
+            event.prompt_logprobs = self._prompt_logprobs(request)
+        return event
+
     async def _stream(self, request: GenerateRequest) -> AsyncGenerator[GenerateEvent, None]:
         params, prompt = request.params, request.prompt_token_ids
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -139,7 +176,7 @@ class FakeEngine:
                 else:
                     await asyncio.sleep(0)
                 if request.request_id not in self.running:
-                    yield self._final(request, out, "", "abort")
+                    yield self._at(request, i, self._final(request, out, "", "abort"))
                     return
                 if self.fail_after is not None and i >= self.fail_after:
                     raise RequestFailed("sampling failed")
@@ -147,19 +184,22 @@ class FakeEngine:
                 out.append(token)
                 lps = self._logprobs(token, params.logprobs)
                 if token == EOS and not params.ignore_eos or token in params.stop_token_ids:
-                    yield self._final(request, out, "", "stop", lps)
+                    yield self._at(request, i, self._final(request, out, "", "stop", lps))
                     return
                 delta = decoder.decode(bytes([token]) if token < 256 else b"")
                 text += delta
                 hit = next((s for s in params.stop if s in text), None)
                 if hit is not None:
-                    yield self._final(request, out, _before_stop(text, delta, hit), "stop", lps)
+                    before = _before_stop(text, delta, hit)
+                    final = self._final(request, out, before, "stop", lps)
+                    final.stop_reason = hit
+                    yield self._at(request, i, final)
                     return
                 last = i == params.max_tokens - 1
                 if last:
-                    yield self._final(request, out, delta, "length", lps)
+                    yield self._at(request, i, self._final(request, out, delta, "length", lps))
                     return
-                yield GenerateEvent(request.request_id, [token], delta, lps)
+                yield self._at(request, i, GenerateEvent(request.request_id, [token], delta, lps))
         finally:
             # Closed or cancelled before its last event: the real engine aborts it.
             self.abort(request.request_id)

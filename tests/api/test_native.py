@@ -167,8 +167,9 @@ def test_embed_batch_limit(make_client):
 
 def test_tokenize_and_detokenize(client):
     out = client.post("/tokenize", json={"text": "hé"}).json()
-    assert out == {"tokens": [104, 195, 169], "count": 3}
-    assert client.post("/detokenize", json={"tokens": out["tokens"]}).json() == {"text": "hé"}
+    assert out == {"tokens": [104, 195, 169], "count": 3, "max_model_len": 512}
+    detok = client.post("/detokenize", json={"tokens": out["tokens"]}).json()
+    assert detok == {"text": "hé", "prompt": "hé"}
     error = assert_error(client.post("/detokenize", json={"tokens": [1, 300]}), 400)
     assert "300" in error["message"]
 

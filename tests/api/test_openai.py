@@ -93,10 +93,9 @@ def test_completion_stream_n_has_an_index_per_choice(client):
 @pytest.mark.parametrize(
     "extra",
     [
-        {"echo": True},
-        {"best_of": 3},
+        {"best_of": 9},
         {"suffix": "x"},
-        {"logit_bias": {"1": 2.0}},
+        {"logit_bias": {"1": 200.0}},
         {"tools": []},
         {"n": 9},
     ],
@@ -177,7 +176,7 @@ def test_chat_logprobs(oai):
     "messages",
     [
         [],
-        [{"role": "tool", "content": "x"}],
+        [{"role": "", "content": "x"}],
         [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x"}}]}],
         [{"role": "user", "content": "__template_error__"}],
     ],

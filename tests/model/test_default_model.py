@@ -30,12 +30,8 @@ def ours() -> tuple[LoadedModel, float]:
 
 
 @pytest.fixture(scope="module")
-def theirs():
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_model(DEFAULT_MODEL)
-    hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    return hf.eval()
+def theirs(hf_default_model):
+    return hf_default_model
 
 
 def greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:

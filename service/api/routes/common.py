@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import Request
 
+from service.api.errors import bad_request, template_error
 from service.api.middleware import scope_state
 from service.api.runtime import Served
+from service.api.schemas.dialects import template_kwargs
 from service.api.serving import check_cap, prompt_ids, until_disconnect
-from service.engine.types import EmbedResult, Pooling
+from service.engine.types import EmbedResult, FinalMessageNotShown, Pooling, TemplateError
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ def record_tokens(request: Request, prompt_tokens: int, completion_tokens: int) 
 async def run_embed(
     request: Request,
     ctx: Served,
-    inputs: Sequence[str] | Sequence[list[int]],
+    inputs: Sequence[str | list[int]],
     pooling: Pooling,
     normalize: bool,
 ) -> EmbedResult:
@@ -48,3 +51,33 @@ async def run_embed(
 
 def embedding_dim(result: EmbedResult) -> int:
     return len(result.embeddings[0]) if result.embeddings else 0
+
+
+async def render_messages(
+    ctx: Served,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> tuple[str, list[int]]:
+    """Messages through the chat template (vLLM's controls), off the event loop: the
+    prompt text and its token ids, in which only the template's own markers are control
+    tokens. ``continue_final_message``: the text ends where the final message's content
+    ends."""
+    extra = template_kwargs(kwargs)
+    try:
+        return await asyncio.to_thread(
+            ctx.engine.tokenizer.encode_chat,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            continue_final_message=continue_final_message,
+            **extra,
+        )
+    except TemplateError as exc:
+        raise template_error(exc, "messages") from exc
+    except FinalMessageNotShown as exc:
+        raise bad_request(str(exc), "continue_final_message") from exc
+    except ValueError as exc:
+        raise bad_request(f"the chat template rejected the messages: {exc}", "messages") from exc

@@ -8,9 +8,15 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from service.api.errors import ERROR_RESPONSES
-from service.api.render import choice_usage
+from service.api.render import choice_usage, token_text
 from service.api.render_native import generate_event, generate_out
-from service.api.routes.common import embedding_dim, log_prompt, record_tokens, run_embed
+from service.api.routes.common import (
+    embedding_dim,
+    log_prompt,
+    record_tokens,
+    render_messages,
+    run_embed,
+)
 from service.api.runtime import ServedDep
 from service.api.schemas.native import (
     DetokenizeBody,
@@ -74,16 +80,38 @@ async def embed(body: EmbedBody, request: Request, ctx: ServedDep) -> EmbedOut:
     return EmbedOut(embeddings=result.embeddings, dim=embedding_dim(result), usage=usage)
 
 
-@router.post("/tokenize", response_model=TokenizeOut)
+@router.post("/tokenize", response_model=TokenizeOut, response_model_exclude_none=True)
 async def tokenize(body: TokenizeBody, ctx: ServedDep) -> TokenizeOut:
-    """Token ids of a text, as the model sees it. Special-token spellings are plain text
-    unless ``parse_special_tokens`` (as for prompts)."""
-    tokens = await ctx.engine.encode(
-        body.text,
-        add_special_tokens=body.add_special_tokens,
-        parse_special=body.parse_special_tokens,
+    """Token ids of a text (``text`` or vLLM's ``prompt``) or of a conversation through the
+    chat template (vLLM's ``messages``), as the model sees it. Special-token spellings in
+    a text are plain text unless ``parse_special_tokens`` (as for prompts); in a
+    conversation only the template's own markers are control tokens."""
+    body.check()
+    if body.messages is not None:
+        _, tokens = await render_messages(
+            ctx,
+            [m.to_template() for m in body.messages],
+            body.add_generation_prompt,
+            body.continue_final_message,
+            body.chat_template_kwargs,
+        )
+        if body.add_special_tokens:  # as the tokenizer adds them to a text (BOS)
+            tokens = await ctx.engine.encode("", add_special_tokens=True) + tokens
+    else:
+        text = body.text if body.text is not None else body.prompt or ""
+        special = True if body.add_special_tokens is None else body.add_special_tokens
+        tokens = await ctx.engine.encode(
+            text, add_special_tokens=special, parse_special=body.parse_special_tokens
+        )
+    token_strs = None
+    if body.return_token_strs:
+        token_strs = [token_text(ctx.engine.tokenizer, t) for t in tokens]
+    return TokenizeOut(
+        tokens=tokens,
+        count=len(tokens),
+        max_model_len=ctx.engine.max_model_len,
+        token_strs=token_strs,
     )
-    return TokenizeOut(tokens=tokens, count=len(tokens))
 
 
 @router.post("/detokenize", response_model=DetokenizeOut)
@@ -91,7 +119,7 @@ async def detokenize(body: DetokenizeBody, ctx: ServedDep) -> DetokenizeOut:
     """The text of token ids (each must be in the vocabulary)."""
     check_token_ids(body.tokens, ctx.limits.vocab_size, "tokens")
     text = ctx.engine.tokenizer.decode(body.tokens, skip_special_tokens=body.skip_special_tokens)
-    return DetokenizeOut(text=text)
+    return DetokenizeOut(text=text, prompt=text)
 
 
 async def _events(

@@ -6,6 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from service.api.errors import bad_request
 from service.api.schemas.common import (
     MAX_TEXT_CHARS,
     MaxTokens,
@@ -19,6 +20,8 @@ from service.api.schemas.common import (
     TopLogprobs,
     UsageOut,
 )
+from service.api.schemas.dialects import MAX_TEMPLATE_KWARGS
+from service.api.schemas.openai import ChatMessage
 from service.api.schemas.structured import NativeConstraintFields
 from service.api.serving import Limits, check_cap, check_stop
 from service.settings import HARD_MAX_BATCH
@@ -100,23 +103,47 @@ class EmbedOut(ResponseModel):
 
 
 class TokenizeBody(StrictModel):
-    text: str = Field(max_length=MAX_TEXT_CHARS)
-    add_special_tokens: bool = True
+    """``text`` (this server's shape) or, as vLLM takes it, ``prompt`` or ``messages``."""
+
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    add_special_tokens: bool | None = Field(
+        None, description="default: true for text and prompt, false for messages (vLLM)"
+    )
+    # -- vLLM's request shape --
+    model: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
+    prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    messages: Annotated[list[ChatMessage] | None, Field(min_length=1, max_length=4096)] = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[
+        dict[Annotated[str, Field(max_length=256)], Any] | None,
+        Field(max_length=MAX_TEMPLATE_KWARGS),
+    ] = None
+    return_token_strs: bool = False
     parse_special_tokens: ParseSpecial = False
+
+    def check(self) -> None:
+        given = [n for n in ("text", "prompt", "messages") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise bad_request("give exactly one of text, prompt or messages", "text")
 
 
 class TokenizeOut(ResponseModel):
     tokens: list[int]
     count: int
+    max_model_len: int | None = None
+    token_strs: list[str] | None = None
 
 
 class DetokenizeBody(StrictModel):
     tokens: TokenIds
     skip_special_tokens: bool = True
+    model: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
 
 
 class DetokenizeOut(ResponseModel):
     text: str
+    prompt: str | None = None  # vLLM's name for the same text
 
 
 class InfoOut(ResponseModel):

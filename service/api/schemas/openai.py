@@ -1,13 +1,13 @@
 """OpenAI-compatible request and response bodies.
 
 Supported fields follow the OpenAI API. Accepted but ignored because they are
-harmless: ``user``, an empty ``logit_bias``, a message ``name``. Refused with
-400: ``echo: true``, ``suffix``, ``best_of`` other than ``n``, a non-empty
-``logit_bias``, and any field not declared here.
+harmless: ``user``, a message ``name``. Refused with 400: ``suffix``. Unknown
+fields are ignored as vLLM ignores them (see ``schemas/dialects.py``).
 Extensions (as in vLLM): ``top_k``, ``min_p``, ``repetition_penalty``,
-``ignore_eos``, ``stop_token_ids``. Structured output and tools (``response_format``,
-``guided_*``, ``structured_outputs``, ``tools``, ``tool_choice``,
-``parallel_tool_calls``): ``schemas/structured.py``.
+``ignore_eos``, ``stop_token_ids``, and those of ``dialects.ClientFields``.
+Structured output and tools (``response_format``, ``guided_*``,
+``structured_outputs``, ``tools``, ``tool_choice``, ``parallel_tool_calls``):
+``schemas/structured.py``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,12 @@ from service.api.schemas.common import (
     TokenIds,
     TopLogprobs,
 )
+from service.api.schemas.dialects import (
+    LENIENT,
+    MAX_TEMPLATE_KWARGS,
+    ClientFields,
+    ignored_fields,
+)
 from service.api.schemas.structured import (
     FunctionName,
     GuidedFields,
@@ -43,20 +49,26 @@ from service.api.schemas.structured import (
 from service.api.serving import Limits, check_cap, check_stop
 from service.api.tools import ToolPlan
 from service.engine.types import Constraint
-from service.settings import HARD_MAX_BATCH
+from service.settings import HARD_MAX_BATCH, HARD_MAX_N, HARD_MAX_TOKENS
 
 ModelName = Annotated[str, Field(min_length=1, max_length=256)]
 PromptText = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 PromptBatch = Annotated[list[PromptText], Field(min_length=1, max_length=HARD_MAX_BATCH)]
 TokenBatch = Annotated[list[TokenIds], Field(min_length=1, max_length=HARD_MAX_BATCH)]
+MixedBatch = Annotated[list[PromptText | TokenIds], Field(min_length=1, max_length=HARD_MAX_BATCH)]
 
 
 class StreamOptions(StrictModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="with include_usage: usage so far on every chunk (vLLM)"
+    )
 
 
-class _SamplingFields(SamplingFields):
+class _SamplingFields(ClientFields, SamplingFields):
     """Fields common to completions and chat completions."""
+
+    model_config = LENIENT
 
     model: ModelName
     n: ChoiceCount = 1
@@ -64,9 +76,6 @@ class _SamplingFields(SamplingFields):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
-    logit_bias: Annotated[
-        dict[str, float] | None, Field(max_length=0, description="only empty")
-    ] = None
 
     @property
     def stop_list(self) -> list[str]:
@@ -78,42 +87,77 @@ class _SamplingFields(SamplingFields):
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def check_common(self, limits: Limits, top_logprobs: int | None) -> None:
+    @property
+    def continuous_usage(self) -> bool:
+        o = self.stream_options
+        return o is not None and o.include_usage and o.continuous_usage_stats
+
+    def check_common(self, limits: Limits, top_logprobs: int | None) -> list[str]:
+        """Checks shared by both routes; returns the unknown fields, which are ignored."""
+        ignored = ignored_fields(self)
+        self.check_dialect(limits)
         check_stop(self.stop_list, limits)
         check_cap(self.n, limits.max_n, "n")
         check_cap(top_logprobs, limits.max_logprobs, "logprobs")
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+        return ignored
 
 
 class CompletionBody(GuidedFields, _SamplingFields):
     """``POST /v1/completions``."""
 
-    prompt: PromptText | PromptBatch | TokenIds | TokenBatch
-    max_tokens: MaxTokens = None
+    prompt: PromptText | PromptBatch | TokenIds | TokenBatch | MixedBatch
+    max_tokens: Annotated[
+        int | None,
+        Field(ge=0, le=HARD_MAX_TOKENS, description="tokens to generate at most; 0 with echo"),
+    ] = None
     logprobs: TopLogprobs = None
-    echo: bool = Field(False, description="only false")
-    best_of: Annotated[int | None, Field(ge=1, le=128, description="only equal to n")] = None
+    echo: bool = Field(False, description="the prompt before the completion (and its logprobs)")
+    best_of: Annotated[
+        int | None, Field(ge=1, le=HARD_MAX_N, description="candidates; the n likeliest are kept")
+    ] = None
     suffix: Annotated[str | None, Field(max_length=0, description="not supported")] = None
     parse_special_tokens: ParseSpecial = False
 
-    def prompts(self) -> list[str] | list[list[int]]:
-        """The prompts as a list of texts or a list of token-id lists."""
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts: each a text or a token-id list."""
         return _as_batch(self.prompt)
 
-    def check(self, limits: Limits) -> None:
-        self.check_common(limits, self.logprobs)
-        if self.echo:
-            raise bad_request("echo is not supported", "echo", code="unsupported")
-        if self.best_of is not None and self.best_of != self.n:
-            raise bad_request("best_of is only supported equal to n", "best_of", code="unsupported")
+    def check(self, limits: Limits) -> list[str]:
+        ignored = self.check_common(limits, self.logprobs)
+        if self.best_of is not None:
+            check_cap(self.best_of, limits.max_n, "best_of")
+            if self.best_of < self.n:
+                raise bad_request("best_of must be at least n", "best_of")
+            if self.best_of > self.n and self.stream:
+                raise bad_request("best_of above n cannot be streamed", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request("max_tokens may be 0 only with echo: true", "max_tokens")
         if isinstance(self.prompt, list) and not self.prompt:
             raise bad_request("the prompt must not be empty", "prompt", code="empty_prompt")
         if len(self.prompts()) > limits.max_prompts:
             raise bad_request(f"at most {limits.max_prompts} prompts per request", "prompt")
+        return ignored
+
+    @property
+    def candidates(self) -> int:
+        """Engine requests per prompt: best_of when it asks for more than n."""
+        return max(self.n, self.best_of or 0)
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """Top-n of each prompt token: for prompt_logprobs, and for echo with logprobs."""
+        wanted = [self.prompt_logprobs]
+        if self.echo and self.logprobs is not None:
+            wanted.append(self.logprobs)
+        values = [w for w in wanted if w is not None]
+        return max(values) if values else None
 
     @property
     def engine_logprobs(self) -> int | None:
+        if self.best_of is not None and self.best_of > self.n:
+            return self.logprobs or 0  # ranking the candidates needs their logprobs
         return self.logprobs
 
 
@@ -137,14 +181,18 @@ class ToolCallIn(StrictModel):
 
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    """A message; a custom role and extra keys reach the chat template as they are (vLLM)."""
+
+    model_config = LENIENT
+
+    role: Annotated[str, Field(min_length=1, max_length=64)]
     # None only for an assistant message with tool_calls (checked by ChatCompletionBody).
     content: (
         Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
         | Annotated[list[TextPart], Field(max_length=1024)]
         | None
     ) = None
-    name: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
+    name: Annotated[str | None, Field(max_length=256, description="passed to the template")] = None
     tool_calls: Annotated[list[ToolCallIn] | None, Field(max_length=128)] = None
     tool_call_id: Annotated[str | None, Field(min_length=1, max_length=256)] = None
 
@@ -158,7 +206,10 @@ class ChatMessage(StrictModel):
 
     def to_template(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
-        message: dict[str, Any] = {"role": role, "content": self.text}
+        extra = dict(self.model_extra or {})
+        message: dict[str, Any] = {**extra, "role": role, "content": self.text}
+        if self.name is not None:
+            message["name"] = self.name
         if self.tool_calls:
             # Templates (as in transformers) read the arguments as a mapping.
             message["tool_calls"] = [
@@ -174,8 +225,6 @@ class ChatMessage(StrictModel):
             ]
         if self.role == "tool":
             message["tool_call_id"] = self.tool_call_id
-            if self.name is not None:
-                message["name"] = self.name
         return message
 
     def check(self, index: int) -> None:
@@ -212,6 +261,16 @@ class ChatCompletionBody(GuidedFields, ToolFields, _SamplingFields):
     max_completion_tokens: MaxTokens = None
     logprobs: bool = False
     top_logprobs: TopLogprobs = None
+    # -- chat template controls (vLLM) --
+    echo: bool = Field(
+        False, description="prefix the reply with the last message when it is the assistant's"
+    )
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: Annotated[
+        dict[Annotated[str, Field(max_length=256)], Any] | None,
+        Field(max_length=MAX_TEMPLATE_KWARGS),
+    ] = None
 
     @property
     def requested_max_tokens(self) -> int | None:
@@ -225,14 +284,24 @@ class ChatCompletionBody(GuidedFields, ToolFields, _SamplingFields):
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def check(self, limits: Limits) -> None:
-        self.check_common(limits, self.top_logprobs)
+    def check(self, limits: Limits) -> list[str]:
+        ignored = self.check_common(limits, self.top_logprobs)
         if self.top_logprobs is not None and not self.logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
         for i, message in enumerate(self.messages):
             message.check(i)
         self.check_tools()
         self.engine_constraint()  # two constraints at once: a 400 now
+        if self.continue_final_message and self.add_generation_prompt:
+            raise bad_request(
+                "continue_final_message needs add_generation_prompt: false",
+                "continue_final_message",
+            )
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise bad_request(
+                "continue_final_message needs a final assistant message", "continue_final_message"
+            )
+        return ignored
 
     def tool_plan(self) -> ToolPlan | None:
         """How the tools are used; None without tools or with tool_choice "none"."""
@@ -262,6 +331,8 @@ EmbeddingTokens = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TO
 class EmbeddingBody(StrictModel):
     """``POST /v1/embeddings``."""
 
+    model_config = LENIENT
+
     model: ModelName
     input: (
         NonEmptyText
@@ -274,18 +345,22 @@ class EmbeddingBody(StrictModel):
         int | None, Field(ge=1, le=1 << 16, description="only the model's own size")
     ] = None
     user: Annotated[str | None, Field(max_length=256, description="accepted and ignored")] = None
+    normalize: bool = Field(True, description="L2-normalise each vector (vLLM)")
+    truncate_prompt_tokens: Annotated[int | None, Field(ge=1, le=1 << 20)] = None
 
-    def inputs(self) -> list[str] | list[list[int]]:
+    def inputs(self) -> list[str | list[int]]:
         return _as_batch(self.input)
 
 
-def _as_batch(value: str | list[str] | list[int] | list[list[int]]) -> list[str] | list[list[int]]:
-    """One prompt (text or token ids) or a batch of them, as a batch."""
+def _as_batch(
+    value: str | list[str] | list[int] | list[list[int]] | list[str | list[int]],
+) -> list[str | list[int]]:
+    """One prompt (text or token ids) or a batch of them (possibly mixed), as a batch."""
     if isinstance(value, str):
         return [value]
     if value and isinstance(value[0], int):
         return [cast(list[int], value)]
-    return cast(list[str] | list[list[int]], list(value))
+    return cast(list[str | list[int]], list(value))
 
 
 # -- responses ---------------------------------------------------------------------
@@ -304,9 +379,20 @@ class CompletionUsage(ResponseModel):
 
 class LegacyLogprobs(ResponseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]  # None: the first prompt token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+
+
+class PromptLogprob(ResponseModel):
+    """vLLM's ``prompt_logprobs`` entry, keyed by token id."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobsOut = list[dict[str, PromptLogprob] | None] | None
 
 
 class CompletionChoice(ResponseModel):
@@ -314,6 +400,10 @@ class CompletionChoice(ResponseModel):
     text: str
     logprobs: LegacyLogprobs | None = None
     finish_reason: str | None
+    stop_reason: str | int | None = None
+    prompt_logprobs: PromptLogprobsOut = None
+    prompt_token_ids: list[int] | None = None
+    token_ids: list[int] | None = None
 
 
 class CompletionOut(ResponseModel):
@@ -356,6 +446,8 @@ class ChatChoice(ResponseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    stop_reason: str | int | None = None
+    token_ids: list[int] | None = None
 
 
 class ChatCompletionOut(ResponseModel):
@@ -365,6 +457,8 @@ class ChatCompletionOut(ResponseModel):
     model: str
     choices: list[ChatChoice]
     usage: CompletionUsage
+    prompt_logprobs: PromptLogprobsOut = None
+    prompt_token_ids: list[int] | None = None
 
 
 class EmbeddingItem(ResponseModel):

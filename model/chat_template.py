@@ -63,6 +63,10 @@ class TemplateLimits:
 DEFAULT_LIMITS = TemplateLimits()
 
 
+class FinalMessageNotShown(ValueError):
+    """continue_final_message, but the template does not show the final message's text."""
+
+
 class TemplateError(ValueError):
     """A chat template failed; the message names the template."""
 

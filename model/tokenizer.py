@@ -32,7 +32,14 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as _Backend
 from tokenizers.models import BPE
 
-from model.chat_template import ChatTemplate, TemplateError, mark_user_text, special_pattern, unmark
+from model.chat_template import (
+    ChatTemplate,
+    FinalMessageNotShown,
+    TemplateError,
+    mark_user_text,
+    special_pattern,
+    unmark,
+)
 from model.loading.errors import ModelFileError
 from model.loading.gguf_format import read_gguf_header
 from model.sentencepiece import (
@@ -468,10 +475,6 @@ class Tokenizer:
 
     def _token_text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self._backend.id_to_token(token_id) or "")
-
-
-class FinalMessageNotShown(TokenizerError):
-    """continue_final_message, but the template does not show the final message's text."""
 
 
 class IncrementalDetokenizer:

@@ -52,8 +52,10 @@ def describe(tag: str) -> str:
     """``list[constrained-int]`` -> "a list of integers"."""
     inner = re.fullmatch(r"(?:list|tuple)\[(.*)\]", tag)
     if inner:
-        item = describe(inner.group(1))
-        return "a list of " + _PLURALS.get(item, item.replace("a list of", "lists of", 1))
+        items = [describe(t) for t in _members(inner.group(1))]
+        return "a list of " + " and ".join(
+            _PLURALS.get(item, item.replace("a list of", "lists of", 1)) for item in items
+        )
     if tag.startswith("function-"):  # function-after[validator(), type]
         found = re.search(r",\s*(.*)\]$", tag)
         return describe(found.group(1)) if found else "a valid value"
@@ -64,6 +66,21 @@ def describe(tag: str) -> str:
     if tag.startswith("literal["):
         return "one of " + tag[len("literal[") : -1]
     return "a valid value"
+
+
+def _members(tag: str) -> list[str]:
+    """``union[a,list[b]]`` -> ["a", "list[b]"] (split at top-level commas); else [tag]."""
+    found = re.fullmatch(r"union\[(.*)\]", tag)
+    if not found:
+        return [tag]
+    parts, depth, start, body = [], 0, 0, found.group(1)
+    for i, ch in enumerate(body):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            parts.append(body[start:i].strip())
+            start = i + 1
+    parts.append(body[start:].strip())
+    return parts
 
 
 def _one_of(options: list[str]) -> str:

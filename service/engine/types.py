@@ -11,10 +11,11 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from model.chat_template import FinalMessageNotShown as FinalMessageNotShown
+
 # The chat template's errors, re-exported for the API layer.
 from model.chat_template import TemplateError as TemplateError
 from model.chat_template import TemplateRaised as TemplateRaised
-from model.tokenizer import FinalMessageNotShown as FinalMessageNotShown
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 Pooling = Literal["mean", "last"]

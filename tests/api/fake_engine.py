@@ -19,9 +19,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from model.chat_template import TemplateFailed, TemplateRaised
+from model.chat_template import FinalMessageNotShown, TemplateFailed, TemplateRaised
 from model.config import ModelConfig
-from model.tokenizer import FinalMessageNotShown
 from service.engine.embedding import tokenize_inputs
 from service.engine.request import validate_request
 from service.engine.types import (

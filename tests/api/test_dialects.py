@@ -64,7 +64,7 @@ def test_unknown_fields_are_ignored_and_named_in_a_header(client):
     assert streamed.headers["x-ignored-fields"] == "some_new_field"
 
 
-@pytest.mark.parametrize("name", ["tools", "functions", "guided_json", "chat_template"])
+@pytest.mark.parametrize("name", ["tools", "functions", "function_call", "chat_template"])
 def test_unknown_fields_that_change_the_answer_are_refused(client, name):
     error = assert_error(chat(client, **{name: {}}), 400)
     assert error["param"] == name and name in error["message"]

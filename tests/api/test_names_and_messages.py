@@ -40,7 +40,8 @@ def test_unknown_model_404_shows_no_path(make_client):
             "/v1/completions",
             {"model": MODEL, "prompt": 5},
             "prompt",
-            "a string, a list of strings, a list of integers or a list of lists of integers",
+            "a string, a list of strings, a list of integers, a list of lists of integers "
+            "or a list of strings and lists of integers",
         ),
         (
             "/v1/completions",

@@ -626,14 +626,34 @@ class GPT(nn.Module):
             )
         if self.rope_cos is not None and end > self.rope_cos.shape[0]:
             self.reserve_positions(max(end, 2 * self.rope_cos.shape[0]))
+        step = self.step_inputs(batch, kv_cache)
+        plan = self._decode_plan() if step.fused is not None else None
+        if (
+            plan is not None
+            and plan.embed is not None
+            and plan.final_norm is not None
+            and step.fused is not None
+            and kv_cache is not None
+            and step.decode is not None
+            and step.rope_tables is not None
+            and step.n_decode == batch.input_ids.shape[0]
+            and plan.head is not None
+            and not return_hidden
+            and batch.logits_indices.shape[0] == step.n_decode
+        ):
+            # A pure decode step on the CPU, each row giving logits: embedding, blocks,
+            # final norm and output layer in one kernel call.
+            return step.fused.decode_step(
+                plan, batch.input_ids, batch.positions, step.rope_tables,
+                batch.cache_addressing()[0], kv_cache.k, kv_cache.v, step.decode.tables,
+                step.decode.context_lens,
+            )  # fmt: skip
         x = self.wte(batch.input_ids)  # (T, C)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
         if self.wpe is not None:
             x = x + self.wpe(batch.positions)
-        step = self.step_inputs(batch, kv_cache)
         kernels, dec, rope = step.fused, step.decode, step.rope_tables
-        plan = self._decode_plan() if kernels is not None else None
         if (
             kernels is not None
             and plan is not None
@@ -764,6 +784,22 @@ def build_decode_plan(model: GPT) -> DecodePlan | None:
         layers.append(
             QLayerC(*structs, block.attn_norm.weight.data_ptr(), block.mlp_norm.weight.data_ptr())
         )
+    # The embedding and the output layer join the step when they are quantized and
+    # plain: no embedding scale or learned positions, no output bias.
+    embed = head = None
+    if (
+        isinstance(model.wte, QuantEmbedding)
+        and model.wpe is None
+        and config.embed_scale == 1.0
+        and model.wte.weight_q.shape[1] == config.n_embd
+    ):
+        tables = [model.wte.weight_q]
+        embed = qweight_struct(model.wte.weight_q)
+        if isinstance(model.lm_head, QuantLinear) and model.lm_head.bias is None:
+            tables.append(model.lm_head.weight_q)
+            head = qweight_struct(model.lm_head.weight_q)
+        keep += [t for w in tables for t in (w.qs, w.d, w.m) if t is not None]
+    keep.append(model.norm.weight)
     return DecodePlan(
         layers=(QLayerC * len(layers))(*layers),
         keep=keep,
@@ -774,4 +810,7 @@ def build_decode_plan(model: GPT) -> DecodePlan | None:
         inner=config.intermediate_size,
         eps=config.norm_eps,
         scale=1.0 / math.sqrt(config.head_dim),
+        embed=embed,
+        final_norm=model.norm.weight if config.rmsnorm else None,
+        head=head,
     )

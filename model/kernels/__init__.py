@@ -142,6 +142,44 @@ class Kernels:
             _ptr(cos), _ptr(sin), _ptr(slots), _ptr(k_cache), _ptr(v_cache), kv_dtype,
         )  # fmt: skip
 
+    def decode_step(
+        self,
+        plan: DecodePlan,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        slots: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        tables: torch.Tensor,
+        context_lens: torch.Tensor,
+    ) -> torch.Tensor:
+        """A whole decode step of B sequences from their token ids (B,) int64: the logits
+        (B, vocab), or the final normalised hidden states (B, C) when the plan has no
+        output layer. Needs ``plan.embed`` and ``plan.final_norm``."""
+        if plan.embed is None or plan.final_norm is None:
+            raise ValueError("this decode plan has no embedding or final norm")
+        b, c = ids.shape[0], plan.embed.k
+        width = (plan.n_head + 2 * plan.n_kv_head) * plan.head_dim
+        scratch = torch.empty(b * (2 * c + width + plan.n_head * plan.head_dim + 3 * plan.inner))
+        x, work = scratch[: b * c], scratch[b * c :]
+        out = torch.empty(b, plan.head.n if plan.head is not None else c)
+        head = ctypes.byref(plan.head) if plan.head is not None else None
+        status = self.lib.qmm_decode_step(
+            ctypes.byref(plan.embed), ids.data_ptr(), plan.final_norm.data_ptr(), head,
+            out.data_ptr(), plan.layers, plan.n_layer, x.data_ptr(), b, c, plan.n_head,
+            plan.n_kv_head, plan.head_dim, plan.inner, plan.eps, positions.data_ptr(),
+            rope[0].data_ptr(), rope[1].data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
+            v_cache.data_ptr(), k_cache[0].numel(), KV_DTYPES[k_cache.dtype], k_cache.shape[2],
+            tables.data_ptr(), tables.shape[1], context_lens.data_ptr(), plan.scale,
+            work.data_ptr(),
+        )  # fmt: skip
+        if status == -2:
+            raise IndexError(f"a token id is outside the embedding of {plan.embed.n} rows")
+        if status:
+            raise MemoryError("decode step: out of memory")
+        return out
+
     def decode_layers(
         self,
         plan: DecodePlan,
@@ -217,6 +255,11 @@ class DecodePlan:
     inner: int
     eps: float
     scale: float
+    # The rest of a step around the blocks, each run in C when present: the embedding
+    # table (quantized), the final RMSNorm's weight, the output layer (quantized).
+    embed: QWeightC | None = None
+    final_norm: torch.Tensor | None = None
+    head: QWeightC | None = None
 
 
 def qweight_struct(w: QuantizedWeight) -> QWeightC:
@@ -325,33 +368,12 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i, i, p, c_int]
         fn.restype = None
+    q = ctypes.POINTER(QWeightC)
+    layer_args: list[Any] = [ctypes.POINTER(QLayerC), i, p, i, i, i, i, i, i, c_float]
+    layer_args += [p, p, p, p, p, p, i, c_int, i, p, i, p, c_float, p]
     signatures: dict[str, list[Any]] = {
-        "qmm_decode_layers": [
-            ctypes.POINTER(QLayerC),
-            i,
-            p,
-            i,
-            i,
-            i,
-            i,
-            i,
-            i,
-            c_float,
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            i,
-            c_int,
-            i,
-            p,
-            i,
-            p,
-            c_float,
-            p,
-        ],
+        "qmm_decode_step": [q, p, p, q, p, *layer_args],
+        "qmm_decode_layers": layer_args,
         "qmm_decode_attention": [p, i, p, p, c_int, i, i, i, i, i, p, i, p, c_float, p],
         "qmm_rms_norm": [p, p, i, i, c_float, p],
         "qmm_silu_mul": [p, i, i, p],
@@ -360,7 +382,7 @@ def _bind(lib: ctypes.CDLL) -> None:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes = argtypes
-        fn.restype = ctypes.c_int if name == "qmm_decode_layers" else None
+        fn.restype = ctypes.c_int if name.startswith("qmm_decode_") else None
 
 
 @functools.cache

@@ -94,6 +94,40 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(lo);
 }
 
+/* e^x for 8 floats within about 2 ulp of expf (PyTorch's vectorised exp is not
+ * bit-equal to expf either): x = n ln 2 + r with |r| <= ln 2 / 2, a degree-6
+ * polynomial for e^r (the classic Cephes coefficients), then 2^n in the exponent.
+ * Inputs below -87.3 give 0 (expf gives a subnormal there, or 0), above 88.7 +inf;
+ * NaN stays NaN. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 hi = _mm256_set1_ps(88.72283905206835f), lo = _mm256_set1_ps(-87.33654475f);
+    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ), over = _mm256_cmp_ps(x, hi, _CMP_GT_OQ);
+    const __m256 nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    __m256 v = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v); /* ln 2 in two parts */
+    v = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), v);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, v, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(v, v), _mm256_add_ps(v, _mm256_set1_ps(1.f)));
+    /* 2^n for n in [-126, 128]: n = 128 (x near 88.7) is split as 2^127 * 2 */
+    const __m256i ni = _mm256_cvtps_epi32(n);
+    const __m256i top = _mm256_cmpeq_epi32(ni, _mm256_set1_epi32(128));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_sub_epi32(ni, _mm256_and_si256(top, _mm256_set1_epi32(1))),
+                         _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+    y = _mm256_blendv_ps(y, _mm256_add_ps(y, y), _mm256_castsi256_ps(top));
+    y = _mm256_andnot_ps(under, y);
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), over);
+    return _mm256_blendv_ps(y, x, nan);
+}
+
 /* 16 bytes of nibbles -> the block's 32 values as 4 x 8 floats: w[0] = values 0..7,
  * w[1] = 16..23, w[2] = 8..15, w[3] = 24..31 (see Q4_ORDER). One byte shuffle per
  * 8 bytes puts each byte alone in a 32-bit lane; its two nibbles are then a mask and
@@ -635,7 +669,17 @@ void qmm_decode_attention(const float *q, int64_t q_stride, const void *k, const
         const float mx =
             head_scores(q + b * q_stride + h * hd, k, kv_dtype, block_size, table, row, off, hd, n, scale, s);
         float sum = 0.f;
-        for (int64_t j = 0; j < n; j++) {
+        int64_t j = 0;
+#if QMM_AVX2
+        __m256 acc = _mm256_setzero_ps();
+        for (; j + 8 <= n; j += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(s + j, e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        sum = hsum(acc);
+#endif
+        for (; j < n; j++) {
             s[j] = expf(s[j] - mx);
             sum += s[j];
         }
@@ -657,7 +701,16 @@ void qmm_rms_norm(const float *x, const float *w, int64_t T, int64_t C, float ep
         const float *xt = x + t * C;
         float *yt = y + t * C;
         float ss = 0.f;
-        for (int64_t c = 0; c < C; c++) ss += xt[c] * xt[c];
+        int64_t c0 = 0;
+#if QMM_AVX2
+        __m256 acc = _mm256_setzero_ps(); /* eight partial sums, as a vectorised norm has */
+        for (; c0 + 8 <= C; c0 += 8) {
+            const __m256 v = _mm256_loadu_ps(xt + c0);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        ss = hsum(acc);
+#endif
+        for (int64_t c = c0; c < C; c++) ss += xt[c] * xt[c];
         const float r = 1.f / sqrtf(ss / (float)C + eps);
         for (int64_t c = 0; c < C; c++) yt[c] = w[c] * (xt[c] * r);
     }
@@ -668,7 +721,16 @@ void qmm_silu_mul(const float *g, int64_t T, int64_t I, float *a) {
     for (int64_t t = 0; t < T; t++) {
         const float *gt = g + t * 2 * I;
         float *at = a + t * I;
-        for (int64_t j = 0; j < I; j++) {
+        int64_t j = 0;
+#if QMM_AVX2
+        const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+        for (; j + 8 <= I; j += 8) {
+            const __m256 x = _mm256_loadu_ps(gt + j);
+            const __m256 sig = _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, x)));
+            _mm256_storeu_ps(at + j, _mm256_mul_ps(_mm256_div_ps(x, sig), _mm256_loadu_ps(gt + I + j)));
+        }
+#endif
+        for (; j < I; j++) {
             const float x = gt[j];
             at[j] = x / (1.f + expf(-x)) * gt[I + j];
         }
@@ -800,4 +862,52 @@ int qmm_decode_layers(const QLayer *layers, int64_t n_layer, float *x, int64_t B
         if (qmatmul(&L->down, a, B, x, 1)) return -1;
     }
     return 0;
+}
+
+/* Rows ids[0..B) of a quantized (n, C) embedding, dequantized into x (B, C).
+ * Returns 0, or -2 for an id outside the table. */
+static int embed_rows(const QWeight *e, const int64_t *ids, int64_t B, float *x) {
+    const int64_t nb = e->k / QK, row_bytes = e->kind == 0 ? nb * (QK / 2) : nb * QK;
+    const size_t scale_bytes = e->f16 ? sizeof(uint16_t) : sizeof(float);
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t id = ids[b];
+        if (id < 0 || id >= e->n) return -2;
+        const char *q = (const char *)e->q + id * row_bytes;
+        const char *d = (const char *)e->d + (size_t)(id * nb) * scale_bytes;
+        const char *m = e->m ? (const char *)e->m + (size_t)(id * nb) * scale_bytes : NULL;
+        if (e->kind == 0)
+            qmm_dequant_q4((const uint8_t *)q, d, m, 1, e->k, x + b * e->k, e->f16);
+        else
+            qmm_dequant_q8((const int8_t *)q, d, m, 1, e->k, x + b * e->k, e->f16);
+    }
+    return 0;
+}
+
+/* A whole decode step in one call, so that no PyTorch operation runs between the
+ * embedding and the logits: the embedding rows of ids (when embed is given; else x
+ * holds the B input rows), the blocks as qmm_decode_layers runs them, the final
+ * RMSNorm, and the output layer into out (B, head->n) when head is given; without
+ * head, out (B, C) receives the normalised hidden states. x is the (B, C) residual
+ * stream; scratch is as qmm_decode_layers takes it. Returns 0, -1 when memory runs
+ * out, -2 for an id outside the embedding. */
+int qmm_decode_step(const QWeight *embed, const int64_t *ids, const float *final_norm,
+                    const QWeight *head, float *out, const QLayer *layers, int64_t n_layer,
+                    float *x, int64_t B, int64_t C, int64_t H, int64_t KV, int64_t hd,
+                    int64_t I, float eps, const int64_t *positions, const float *cos,
+                    const float *sin_signed, const int64_t *slots, void *k_cache,
+                    void *v_cache, int64_t layer_stride, int kv_dtype, int64_t block_size,
+                    const int64_t *tables, int64_t W, const int64_t *ctx, float scale,
+                    float *scratch) {
+    if (embed && embed_rows(embed, ids, B, x)) return -2;
+    if (qmm_decode_layers(layers, n_layer, x, B, C, H, KV, hd, I, eps, positions, cos,
+                          sin_signed, slots, k_cache, v_cache, layer_stride, kv_dtype,
+                          block_size, tables, W, ctx, scale, scratch))
+        return -1;
+    if (!head) {
+        qmm_rms_norm(x, final_norm, B, C, eps, out);
+        return 0;
+    }
+    float *h = scratch; /* the blocks are done with it */
+    qmm_rms_norm(x, final_norm, B, C, eps, h);
+    return qmatmul(head, h, B, out, 0);
 }

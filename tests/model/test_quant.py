@@ -216,6 +216,30 @@ def test_rms_norm_and_silu_mul(kernels):
     torch.testing.assert_close(kernels.silu_mul(g), F.silu(g[:, :40]) * g[:, 40:])
 
 
+def test_silu_mul_over_the_whole_float_range(kernels):
+    """The kernels' vectorised exp against float64, from where e^-x overflows to where
+    it underflows, with the edges and the special values: as close as PyTorch's own
+    silu, and the same infinities and NaNs."""
+    x = torch.cat([
+        torch.linspace(-110.0, 110.0, 200_001),
+        torch.tensor([88.72, 88.7228, -87.33, -87.34, 0.0, -0.0, 1e-30, -1e-30]),
+        torch.tensor([float("inf"), float("-inf"), float("nan")]),
+    ])  # fmt: skip
+    g = torch.cat([x, torch.full_like(x, 3.0)]).view(1, -1)
+    got = kernels.silu_mul(g)[0]
+    expected = (x.double() / (1 + torch.exp(-x.double())) * 3.0).float()
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    rel = (got[finite].double() - expected[finite].double()).abs() / expected[
+        finite
+    ].double().abs().clamp_min(1e-38)
+    torch_rel = (F.silu(x)[finite].double() * 3.0 - expected[finite].double()).abs() / expected[
+        finite
+    ].double().abs().clamp_min(1e-38)
+    assert rel.max() <= max(4e-7, 1.5 * torch_rel.max()), rel.max()
+
+
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_rope_store_equals_rope_then_cache_write(kernels, kv_dtype):
     h, kv, hd, t = 6, 2, 16, 5
@@ -250,7 +274,7 @@ def test_decode_attention_equals_sdpa_over_gathered_blocks(kernels, kv_dtype, h,
     cache.v.copy_(torch.randn(cache.v.shape))
     tables = torch.tensor([[7, 2, 9, 0], [11, 3, 0, 0], [5, 0, 0, 0]])  # out of order, padded
     ctx = torch.tensor([14, 6, 1])
-    q = torch.randn(3, h, hd)
+    q = torch.randn(3, h, hd) * 4  # scores far apart: exp of large negative numbers too
     got = kernels.decode_attention(q, cache.k[0], cache.v[0], tables, ctx, 0.3)
     k, v = cache.gather(0, tables)  # (B, L, KV, hd)
     mask = (torch.arange(k.shape[1])[None, :] < ctx[:, None])[:, None, None, :]
@@ -384,9 +408,10 @@ def test_tiny_llama_gguf_kept_quantized_matches_float_load(hf_checkpoint, tmp_pa
             torch.testing.assert_close(kept(batch), floats(batch), rtol=1e-4, atol=1e-4)
 
 
-def test_c_decode_step_equals_the_module_path(hf_checkpoint, tmp_path):
-    """A pure decode step on a quantized model runs every block in one kernel call;
-    it must give the logits and the cache the PyTorch modules give."""
+def test_c_decode_step_equals_the_module_path(hf_checkpoint, tmp_path, monkeypatch):
+    """A pure decode step on a quantized model runs in one kernel call, from the
+    embedding to the logits; it must give the logits and the cache the PyTorch
+    modules give."""
     from tests.model.test_gguf import llama_gguf_tensors, llama_meta, write_gguf
 
     ckpt = hf_checkpoint("llama", n_kv_head=2, n_embd=64)
@@ -399,7 +424,16 @@ def test_c_decode_step_equals_the_module_path(hf_checkpoint, tmp_path):
     fast, config = load_gguf(path, weights="auto")
     slow, _ = load_gguf(path, weights="auto")
     slow._plan = False  # the module path
-    assert fast._decode_plan() is not None
+    plan = fast._decode_plan()
+    assert plan is not None and plan.embed is not None and plan.head is not None
+    steps = []
+    whole_step = Kernels.decode_step
+
+    def counted(self, *args, **kwargs):
+        steps.append(args[1].shape[0])
+        return whole_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Kernels, "decode_step", counted)
     prompts = [[5, 61, 33, 7, 90, 14, 2], [48, 19, 70], [26, 3, 84, 11, 59]]
     tables = [[4, 0], [2], [5, 1]]
     results = []
@@ -417,8 +451,18 @@ def test_c_decode_step_equals_the_module_path(hf_checkpoint, tmp_path):
             )
             logits.append(model(batch, cache))
         results.append((torch.cat(logits), cache.k.float().clone(), cache.v.float().clone()))
+    assert steps == [3], "the fast model's decode step should be one kernel call"
     for got, expected in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # An id outside the embedding is refused by the kernel, not read past the table.
+    cache = KVCache(config, num_blocks=6, block_size=4)
+    with torch.no_grad():
+        fast(ForwardBatch.build([[1, 2]], block_tables=[[0]], block_size=4), cache)
+        bad = ForwardBatch.build(
+            [[config.vocab_size]], start_pos=[2], block_tables=[[0]], block_size=4
+        )
+        with pytest.raises(IndexError, match="outside the embedding"):
+            fast(bad, cache)
 
 
 @pytest.mark.parametrize("weights,kinds", [("int8", {"q8"}), ("int4", {"q4", "q8"})])

@@ -33,6 +33,24 @@
 int qmm_simd_width(void) { return QMM_AVX2 ? 8 : 1; }
 
 /* float16 -> float32 (exact). */
+/* How far ahead of the block being decoded the kernels ask for weight bytes. Each
+ * thread streams its share of a layer once per token from memory; the hardware
+ * prefetchers alone left the q4 kernels at ~5 GB/s of the ~15 GB/s two cores draw
+ * (measured on an AMD EPYC, the default model's decode step: 18.3 ms without, 15.5 ms
+ * at 512 bytes; 512 to 2048 bytes within 3% of each other, 256 worse). Prefetching
+ * past the end of an array is harmless. */
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES 1024
+#endif
+#define PREFETCH(p) __builtin_prefetch((const char *)(p) + PREFETCH_BYTES, 0, 3)
+/* The scales of row `row` of an (N, nb) scale array (and of m, when present). */
+#define PREFETCH_SCALES(d, m, f16, row, nb)                                            \
+    do {                                                                               \
+        const size_t at_ = (size_t)((row) * (nb)) * ((f16) ? 2 : 4);                  \
+        __builtin_prefetch((const char *)(d) + at_, 0, 3);                             \
+        if (m) __builtin_prefetch((const char *)(m) + at_, 0, 3);                      \
+    } while (0)
+
 static inline float f16_to_f32(uint16_t h) {
 #if QMM_AVX2
     return _cvtsh_ss(h);
@@ -163,6 +181,7 @@ static inline void decode_q8(const int8_t *q, __m256 w[4]) {
     do {                                                                                \
         __m256 w[4];                                                                    \
         DECODE(qrow + (B_) * (BYTES), w);                                               \
+        PREFETCH(qrow + (B_) * (BYTES));                                                \
         const __m256 d = _mm256_set1_ps(drow[B_]);                                      \
         for (int i = 0; i < MT_; i++) {                                                 \
             const float *xb = x + i * K + (B_) * QK;                                    \
@@ -208,6 +227,7 @@ ROW_KERNEL(row_q8_4, int8_t, decode_q8, QK, Q8_ORDER, 4)
             __m256 wa[4], wb[4];                                                         \
             DECODE(qa + b * (BYTES), wa);                                                \
             DECODE(qb + b * (BYTES), wb);                                                \
+            PREFETCH(qb + b * (BYTES));                                                  \
             const float *xb = x + b * QK;                                                \
             __m256 xc = _mm256_loadu_ps(xb + ORDER[0]);                                  \
             __m256 ta = _mm256_mul_ps(wa[0], xc), tb = _mm256_mul_ps(wb[0], xc);         \
@@ -305,6 +325,7 @@ static void dequant_rows_q4(const uint8_t *q, const float *d, const float *m, in
                             int64_t nb, float *w) {
     for (int64_t b = 0; b < rows * nb; b++) {
         __m256 v[4];
+        PREFETCH(q + b * (QK / 2));
         decode_q4(q + b * (QK / 2), v);
         const __m256 db = _mm256_set1_ps(d[b]);
         for (int c = 0; c < 4; c++) {
@@ -319,6 +340,7 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
                             int64_t nb, float *w) {
     for (int64_t b = 0; b < rows * nb; b++) {
         __m256 v[4];
+        PREFETCH(q + b * QK);
         decode_q8(q + b * QK, v);
         const __m256 db = _mm256_set1_ps(d[b]);
         for (int c = 0; c < 4; c++) {
@@ -439,6 +461,7 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
             _Pragma("omp parallel for schedule(static)")                                \
             for (int64_t p = 0; p < (N + 1) / 2; p++) {                                 \
                 const int64_t n = 2 * p, two = n + 1 < N;                               \
+                PREFETCH_SCALES(d, m, f16, n + 16, nb);                                 \
                 float out[2], da[nb], db[nb], ma[nb], mb[nb];                           \
                 const float *drow[2] = {row_scales(d, f16, n, nb, da),                  \
                                         two ? row_scales(d, f16, n + 1, nb, db) : NULL}; \

@@ -142,6 +142,21 @@ class Kernels:
             _ptr(cos), _ptr(sin), _ptr(slots), _ptr(k_cache), _ptr(v_cache), kv_dtype,
         )  # fmt: skip
 
+    def apply_token_mask(self, logits: torch.Tensor, rows: list[int], bitmask: Any) -> None:
+        """-inf in place for the tokens whose bit is clear: row ``rows[i]`` of ``logits``
+        (N, V) contiguous float32 against row i of ``bitmask``, a C-contiguous int32 numpy
+        array of (len(rows), words) with bit j % 32 of word j // 32 for token j."""
+        if logits.dtype != torch.float32 or not logits.is_contiguous():
+            raise ValueError("token masks apply in place to contiguous float32 logits")
+        if any(not 0 <= r < logits.shape[0] for r in rows) or bitmask.shape[0] != len(rows):
+            raise ValueError("token mask rows do not match the logits")
+        words = bitmask.shape[1]
+        width = min(logits.shape[1], words * 32)
+        index = (ctypes.c_int64 * len(rows))(*rows)
+        self.lib.qmm_apply_token_mask(
+            logits.data_ptr(), logits.shape[1], index, len(rows), bitmask.ctypes.data, words, width
+        )
+
     def decode_step(
         self,
         plan: DecodePlan,
@@ -376,6 +391,7 @@ def _bind(lib: ctypes.CDLL) -> None:
         "qmm_decode_layers": layer_args,
         "qmm_decode_attention": [p, i, p, p, c_int, i, i, i, i, i, p, i, p, c_float, p],
         "qmm_rms_norm": [p, p, i, i, c_float, p],
+        "qmm_apply_token_mask": [p, i, p, i, p, i, i],
         "qmm_silu_mul": [p, i, i, p],
         "qmm_rope_store": [p, i, i, i, i, p, p, p, p, p, p, c_int],
     }

@@ -934,3 +934,25 @@ int qmm_decode_step(const QWeight *embed, const int64_t *ids, const float *final
     qmm_rms_norm(x, final_norm, B, C, eps, h);
     return qmatmul(head, h, B, out, 0);
 }
+
+/* Token masks of constrained decoding, applied in place: for each of the n rows
+ * rows[i] of logits (row_stride floats apart), every token j < width whose bit
+ * (bit j % 32 of word j / 32 of bitmask row i, words apart) is clear gets -inf. */
+void qmm_apply_token_mask(float *logits, int64_t row_stride, const int64_t *rows, int64_t n,
+                          const uint32_t *bitmask, int64_t words, int64_t width) {
+    for (int64_t i = 0; i < n; i++) {
+        float *row = logits + rows[i] * row_stride;
+        const uint32_t *bits = bitmask + i * words;
+        for (int64_t w = 0; w * 32 < width; w++) {
+            uint32_t off = ~bits[w];
+            if (!off) continue; /* all 32 allowed */
+            const int64_t base = w * 32, end = width - base < 32 ? width - base : 32;
+            if (off == 0xFFFFFFFFu && end == 32) {
+                for (int j = 0; j < 32; j++) row[base + j] = -INFINITY;
+                continue;
+            }
+            for (int64_t j = 0; j < end; j++)
+                if (off >> j & 1u) row[base + j] = -INFINITY;
+        }
+    }
+}

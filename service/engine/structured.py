@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from model.kernels import load as load_kernels
 from service.engine.types import BadRequest, Constraint
 
 if TYPE_CHECKING:
@@ -274,7 +275,9 @@ class MaskWorker:
     On the CPU the forward's OpenMP team already holds every core: mask threads running
     beside it preempt team members, and each parallel region then waits a scheduler time
     slice for them (measured: decode steps several times slower on two cores). There the
-    masks run alone, one matcher after another, with no thread of their own.
+    masks run alone, one matcher after another, with no thread of their own (spreading
+    them over llguidance's threads before the forward was measured slower too: 4.7 ms
+    against 3.8 ms for 16 rows, the OpenMP workers still spinning on the other core).
     """
 
     def __init__(self, vocab_width: int, overlap: bool) -> None:
@@ -324,6 +327,15 @@ class MaskJob:
     def apply(self, logits: Tensor) -> None:
         """Disallowed tokens of the constrained rows get -inf; other rows are untouched."""
         self.future.result()
+        kernels = load_kernels() if logits.device.type == "cpu" else None
+        if (
+            kernels is not None
+            and logits.dtype == torch.float32
+            and logits.is_contiguous()
+            and logits.shape[-1] <= self.bitmask.shape[1] * 32
+        ):
+            kernels.apply_token_mask(logits, self.rows, self.bitmask)  # ~50x cheaper
+            return
         bits = np.unpackbits(self.bitmask.view(np.uint8), axis=1, bitorder="little")
         width = logits.shape[-1]
         allowed = torch.from_numpy(bits[:, :width].astype(np.bool_, copy=False))

@@ -171,3 +171,36 @@ def test_n_choices_each_get_their_own_matcher() -> None:
 
     for text in run(engine, main):
         jsonschema.validate(json.loads(text), SCHEMAS["enums"])
+
+
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_token_masks_set_exactly_the_disallowed_tokens_to_minus_inf(path: str) -> None:
+    """A step's masks on the rows that carry them, bit j % 32 of word j // 32 for token
+    j, over a vocabulary that is not a multiple of 32; other rows untouched. The C
+    kernel (contiguous float32 logits on the CPU) and the PyTorch fallback alike."""
+    from concurrent.futures import Future
+
+    import numpy as np
+    import torch
+
+    from service.engine.structured import MaskJob
+
+    rng = np.random.default_rng(0)
+    width, words, rows = 100, 4, [3, 1]
+    bitmask = rng.integers(-(2**31), 2**31, size=(len(rows), words), dtype=np.int64).astype(
+        np.int32
+    )
+    bitmask[1, :] = -1  # a row with every token allowed
+    bitmask[0, 1] = 0  # and a word with none
+    logits = torch.randn(5, width)
+    expected = logits.clone()
+    for i, r in enumerate(rows):
+        for j in range(width):
+            if not (int(bitmask[i, j // 32]) & 0xFFFFFFFF) >> (j % 32) & 1:
+                expected[r, j] = float("-inf")
+    done: Future[None] = Future()
+    done.set_result(None)
+    target = logits if path == "kernel" else logits.t().contiguous().t()  # not contiguous
+    MaskJob(rows, bitmask, done, width).apply(target)
+    assert torch.equal(target, expected)
+    assert torch.isinf(expected[3]).any() and not torch.isinf(expected[1]).any()

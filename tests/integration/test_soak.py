@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.slow
 
-ROUNDS = 5
+ROUNDS = 10
 REQUESTS = 20  # per round: at concurrency 16, every round overlaps joins and leaves
 CONCURRENCY = 16
 LEAVE_SHARE = 0.1
@@ -136,8 +136,9 @@ def test_soak_rounds_of_streams_with_disconnects(live_server):
         assert tally.done + tally.left == REQUESTS
     assert httpx.get(f"{base}/health").status_code == 200
     # A leak grows the heap in every round; the allocator's pools and caches grow in
-    # steps, once in a while (one such step of 2.6 MB came after round 1 in one run).
-    # So the median growth from round to round is the one bounded.
+    # steps over the first rounds (2-8 MB in up to three of them, measured) and then
+    # stop. So the median growth from round to round is the one bounded, over enough
+    # rounds that the steps stay a minority.
     growth = sorted(after - before for before, after in zip(memory, memory[1:]))
     per_request = growth[len(growth) // 2] / REQUESTS
     assert per_request < MAX_GROWTH_PER_REQUEST, (memory, per_request)

@@ -12,7 +12,13 @@ import jsonschema
 import pytest
 
 from bench.structured_schemas import SCHEMAS
-from service.engine.types import BadRequest, Constraint, GenerateRequest, SamplingParams
+from service.engine.types import (
+    BadRequest,
+    Constraint,
+    GenerateEvent,
+    GenerateRequest,
+    SamplingParams,
+)
 from tests.engine.engine_testlib import (
     collect,
     greedy,
@@ -204,3 +210,66 @@ def test_token_masks_set_exactly_the_disallowed_tokens_to_minus_inf(path: str) -
     MaskJob(rows, bitmask, done, width).apply(target)
     assert torch.equal(target, expected)
     assert torch.isinf(expected[3]).any() and not torch.isinf(expected[1]).any()
+
+
+def test_constrained_rows_compute_a_mask_only_when_the_grammar_refuses_their_draw(
+    monkeypatch,
+) -> None:
+    """On the CPU a constrained row whose sampling commutes with the mask first draws
+    over the whole vocabulary: when the grammar takes that token it is also the draw
+    over the allowed tokens (same seed, same noise), and no mask is computed. Greedy
+    and sampled rows give exactly the tokens of the masked path; rows with top-p (whose
+    nucleus depends on the mask) are masked at every step."""
+    from service.engine.structured import MaskWorker
+
+    masked_rows: list[int] = []
+    start = MaskWorker.start
+
+    def counting(self, rows, matchers):  # type: ignore[no-untyped-def]
+        masked_rows.extend(rows)
+        return start(self, rows, matchers)
+
+    monkeypatch.setattr(MaskWorker, "start", counting)
+
+    def generate(cases, guess: bool) -> tuple[list[list[int]], int]:  # type: ignore[no-untyped-def]
+        engine = make_engine()
+        if not guess:
+            monkeypatch.setattr(engine, "_guess_rows", lambda chunks: frozenset())
+        masked_rows.clear()
+
+        async def main() -> list[list[GenerateEvent]]:
+            jobs = [collect(engine, prompt_of(300 + i, 6), p) for i, (p, _) in enumerate(cases)]
+            return await asyncio.gather(*jobs)
+
+        results = run(engine, main)
+        for (_, check), events in zip(cases, results, strict=True):
+            check(text_of(events))
+        return [tokens_of(ev) for ev in results], len(masked_rows)
+
+    def valid(name: str):  # type: ignore[no-untyped-def]
+        return lambda text: jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+    # A grammar that takes most draws (any text; the tiny model's byte tokens that are
+    # not UTF-8 on their own are refused): fewer masks than steps, the same tokens.
+    anything = Constraint("regex", "[\\s\\S]{0,40}", "regex")
+    for temperature in (0.0, 1.0):
+        case = [(params(anything, temperature, seed=5, n=40), lambda text: None)]
+        tokens, masks = generate(case, guess=True)
+        assert generate(case, guess=False) == (tokens, len(tokens[0]))
+        assert masks < len(tokens[0]), (temperature, masks, len(tokens[0]))
+
+    # JSON schemas, greedy and sampled side by side: whatever is guessed, the tokens
+    # equal the masked path's and the JSON validates.
+    schemas = [
+        (params(schema(name), temperature, seed=i), valid(name))
+        for i, (name, temperature) in enumerate([("person", 0.0), ("nested", 1.0), ("array", 0.7)])
+    ]
+    with_guess, masks_with = generate(schemas, guess=True)
+    without_guess, masks_without = generate(schemas, guess=False)
+    assert with_guess == without_guess
+    assert masks_with <= masks_without
+
+    # top-p: a mask at every step
+    top_p = SamplingParams(max_tokens=40, temperature=1.0, top_p=0.9, seed=3, constraint=anything)
+    tokens, masks = generate([(top_p, lambda text: None)], guess=True)
+    assert masks == len(tokens[0])

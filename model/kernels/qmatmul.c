@@ -528,7 +528,9 @@ int64_t qmm_set_tiled_min_rows(int64_t rows) {
 GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1, tiled_q4)
 GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0, tiled_q8)
 
-/* Dequantize whole rows to float32 (for large batches, which go to a float GEMM). */
+/* Dequantize whole rows to float32 (for large batches, which go to a float GEMM): the
+ * AVX2 build with the tiled kernel's vectorised row decoder, the generic build with the
+ * scalar loop; both compute d * q, then + m, rounding each. */
 void qmm_dequant_q4(const uint8_t *q, const void *d, const void *m, int64_t N, int64_t K,
                     float *w, int f16) {
     const int64_t nb = K / QK;
@@ -536,6 +538,9 @@ void qmm_dequant_q4(const uint8_t *q, const void *d, const void *m, int64_t N, i
     for (int64_t n = 0; n < N; n++) {
         float dbuf[nb], mbuf[nb];
         const float *dr = row_scales(d, f16, n, nb, dbuf), *mr = row_scales(m, f16, n, nb, mbuf);
+#if QMM_AVX2
+        dequant_rows_q4(q + n * nb * (QK / 2), dr, mr, 1, nb, w + n * K);
+#else
         for (int64_t b = 0; b < nb; b++) {
             const uint8_t *qb = q + (n * nb + b) * (QK / 2);
             float *wb = w + n * K + b * QK;
@@ -546,6 +551,7 @@ void qmm_dequant_q4(const uint8_t *q, const void *d, const void *m, int64_t N, i
             if (mr) /* no "+ 0": it would turn a -0.0 into +0.0 */
                 for (int j = 0; j < QK; j++) wb[j] += mr[b];
         }
+#endif
     }
 }
 
@@ -556,6 +562,9 @@ void qmm_dequant_q8(const int8_t *q, const void *d, const void *m, int64_t N, in
     for (int64_t n = 0; n < N; n++) {
         float dbuf[nb], mbuf[nb];
         const float *dr = row_scales(d, f16, n, nb, dbuf), *mr = row_scales(m, f16, n, nb, mbuf);
+#if QMM_AVX2
+        dequant_rows_q8(q + n * nb * QK, dr, mr, 1, nb, w + n * K);
+#else
         for (int64_t b = 0; b < nb; b++) {
             const int8_t *qb = q + (n * nb + b) * QK;
             float *wb = w + n * K + b * QK;
@@ -563,6 +572,7 @@ void qmm_dequant_q8(const int8_t *q, const void *d, const void *m, int64_t N, in
             if (mr)
                 for (int j = 0; j < QK; j++) wb[j] += mr[b];
         }
+#endif
     }
 }
 

@@ -175,19 +175,15 @@ class Kernels:
         if plan.embed is None or plan.final_norm is None:
             raise ValueError("this decode plan has no embedding or final norm")
         b, c = ids.shape[0], plan.embed.k
-        width = (plan.n_head + 2 * plan.n_kv_head) * plan.head_dim
-        scratch = torch.empty(b * (2 * c + width + plan.n_head * plan.head_dim + 3 * plan.inner))
-        x, work = scratch[: b * c], scratch[b * c :]
+        x = torch.empty(b, c)  # the residual stream, embedded by the kernel
         out = torch.empty(b, plan.head.n if plan.head is not None else c)
         head = ctypes.byref(plan.head) if plan.head is not None else None
+        args, _scratch = _layer_args(
+            plan, x, positions, rope, slots, k_cache, v_cache, tables, context_lens
+        )
         status = self.lib.qmm_decode_step(
             ctypes.byref(plan.embed), ids.data_ptr(), plan.final_norm.data_ptr(), head,
-            out.data_ptr(), plan.layers, plan.n_layer, x.data_ptr(), b, c, plan.n_head,
-            plan.n_kv_head, plan.head_dim, plan.inner, plan.eps, positions.data_ptr(),
-            rope[0].data_ptr(), rope[1].data_ptr(), slots.data_ptr(), k_cache.data_ptr(),
-            v_cache.data_ptr(), k_cache[0].numel(), KV_DTYPES[k_cache.dtype], k_cache.shape[2],
-            tables.data_ptr(), tables.shape[1], context_lens.data_ptr(), plan.scale,
-            work.data_ptr(),
+            out.data_ptr(), *args,
         )  # fmt: skip
         if status == -2:
             raise IndexError(f"a token id is outside the embedding of {plan.embed.n} rows")
@@ -210,19 +206,39 @@ class Kernels:
         """Run every block of a decode step on the residual stream ``x`` (B, C) in place.
 
         k_cache, v_cache: the whole cache, (n_layer, num_blocks, block_size, KV, hd)."""
-        b, c = x.shape
-        width = (plan.n_head + 2 * plan.n_kv_head) * plan.head_dim
-        scratch = torch.empty(b * (c + width + plan.n_head * plan.head_dim + 3 * plan.inner))
-        layer_stride = k_cache[0].numel()
-        status = self.lib.qmm_decode_layers(
-            plan.layers, plan.n_layer, x.data_ptr(), b, c, plan.n_head, plan.n_kv_head,
-            plan.head_dim, plan.inner, plan.eps, positions.data_ptr(), rope[0].data_ptr(),
-            rope[1].data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-            layer_stride, KV_DTYPES[k_cache.dtype], k_cache.shape[2], tables.data_ptr(),
-            tables.shape[1], context_lens.data_ptr(), plan.scale, scratch.data_ptr(),
-        )  # fmt: skip
+        args, _scratch = _layer_args(
+            plan, x, positions, rope, slots, k_cache, v_cache, tables, context_lens
+        )
+        status = self.lib.qmm_decode_layers(*args)
         if status:
             raise MemoryError("decode step: out of memory")
+
+
+def _layer_args(
+    plan: DecodePlan,
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    slots: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    tables: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> tuple[tuple[Any, ...], torch.Tensor]:
+    """The arguments of ``qmm_decode_layers`` (which ``qmm_decode_step`` ends with), for
+    the residual stream ``x`` (B, C), and the scratch buffer they point into (the caller
+    holds it until the call returns)."""
+    b, c = x.shape
+    width = (plan.n_head + 2 * plan.n_kv_head) * plan.head_dim
+    scratch = torch.empty(b * (c + width + plan.n_head * plan.head_dim + 3 * plan.inner))
+    args = (
+        plan.layers, plan.n_layer, x.data_ptr(), b, c, plan.n_head, plan.n_kv_head,
+        plan.head_dim, plan.inner, plan.eps, positions.data_ptr(), rope[0].data_ptr(),
+        rope[1].data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        k_cache[0].numel(), KV_DTYPES[k_cache.dtype], k_cache.shape[2], tables.data_ptr(),
+        tables.shape[1], context_lens.data_ptr(), plan.scale, scratch.data_ptr(),
+    )  # fmt: skip
+    return args, scratch
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -12,7 +12,11 @@ of medians in microseconds:
 - ``int4pack bf16`` / ``int4pack f32``: ``_weight_int4pack_mm_for_cpu`` (groups
   of 32) likewise;
 - ``ours q4`` / ``ours q8``: ``model.kernels`` on GGUF-style blocks with float32
-  activations (exact dequantization; the default path).
+  activations (exact dequantization; the default path);
+- ``compile q4`` (with ``--compile``, off by default: ~30 s of compiling per layer
+  shape): ``torch.compile`` (inductor's CPU backend, C++ through the system compiler)
+  of the same q4 blocks' dequantize-then-``F.linear`` written in PyTorch ops, the
+  fused kernel the issue suggested it might generate.
 
 Candidates PyTorch cannot run here are reported as such, not skipped silently.
 """
@@ -40,7 +44,41 @@ SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
 ROWS = (1, 16, 64)
 
 
-def _candidates(w: torch.Tensor, rows: int) -> dict[str, Callable[[], Any] | str]:
+_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
+
+
+def _dequant_linear(
+    x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor
+) -> torch.Tensor:
+    """A q4 layer in plain PyTorch ops (``QuantizedWeight.dequantize``'s fallback, then
+    ``F.linear``), for ``torch.compile`` to fuse if it can."""
+    n = qs.shape[0]
+    q = ((qs.view(n, -1, 1, 16) >> _SHIFTS) & 0x0F).reshape(n, -1, 32)
+    w = q.float() * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
+    return F.linear(x, w.reshape(n, -1))
+
+
+_compiled: Callable[..., torch.Tensor] | None = None
+
+
+def _compiled_q4(x: torch.Tensor, q4: QuantLinear) -> Callable[[], Any] | str:
+    global _compiled
+    w = q4.weight_q
+    if w.m is None:
+        return "unavailable: q4 without minimums"
+    try:
+        if _compiled is None:
+            _compiled = torch.compile(_dequant_linear, dynamic=True)
+        fn = _compiled
+        fn(x, w.qs, w.d, w.m)  # compiles (or recompiles) here, not in the timing
+    except Exception as e:  # inductor needs a working C++ compiler
+        return f"unavailable: {str(e).splitlines()[0][:60]}"
+    return lambda: fn(x, w.qs, w.d, w.m)
+
+
+def _candidates(
+    w: torch.Tensor, rows: int, with_compile: bool = False
+) -> dict[str, Callable[[], Any] | str]:
     n, k = w.shape
     x = torch.randn(rows, k)
     xb = x.to(torch.bfloat16)
@@ -71,10 +109,12 @@ def _candidates(w: torch.Tensor, rows: int) -> dict[str, Callable[[], Any] | str
         out["ours q8"] = lambda: q8(x)
     else:
         out["ours"] = "unavailable: no kernels (see the log)"
+    if with_compile:
+        out["compile q4"] = _compiled_q4(x, q4)
     return out
 
 
-def measure(reps: int) -> list[dict[str, Any]]:
+def measure(reps: int, with_compile: bool = False) -> list[dict[str, Any]]:
     rows_out = []
     torch.manual_seed(0)
     with torch.inference_mode():
@@ -83,7 +123,7 @@ def measure(reps: int) -> list[dict[str, Any]]:
             for rows in ROWS:
                 if n == 49152 and rows == 64:
                     continue  # the output layer only sees the rows that sample
-                cands = _candidates(w, rows)
+                cands = _candidates(w, rows, with_compile)
                 runnable = {name: fn for name, fn in cands.items() if callable(fn)}
                 times: dict[str, list[float]] = {name: [] for name in runnable}
                 for fn in runnable.values():
@@ -132,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--compile", action="store_true", help="add torch.compile's q4 (slow)")
     args = p.parse_args(argv)
-    results = measure(args.reps)
+    results = measure(args.reps, args.compile)
     kernels = load_kernels()
     info = {
         "environment": header(["python", "-m", "bench.kernels", *sys.argv[1:]]),

@@ -69,3 +69,17 @@ def test_kv_parity_table_marks_the_reference_and_counts() -> None:
 def test_kv_parity_cuts_a_reference_after_its_first_eos() -> None:
     assert kv_dtype_parity._cut_at_eos([5, 2, 7, 2], frozenset({2})) == [5, 2]
     assert kv_dtype_parity._cut_at_eos([5, 6], frozenset({2})) == [5, 6]
+
+
+def test_the_compile_candidate_computes_the_q4_layer() -> None:
+    """bench.kernels' ``compile q4`` hands torch.compile this function: uncompiled, it
+    must give the layer's product, or the timing compares different work."""
+    from bench import kernels
+
+    torch.manual_seed(2)
+    w = quantize(torch.randn(40, 64) * 0.05, "q4")
+    assert w.m is not None
+    x = torch.randn(3, 64)
+    got = kernels._dequant_linear(x, w.qs, w.d, w.m)
+    ref = x.double() @ w.dequantize().double().T
+    assert (got.double() - ref).abs().max() < 1e-5

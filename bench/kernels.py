@@ -37,14 +37,11 @@ import torch.nn.functional as F
 from bench.environment import header, write_json
 from model.kernels import cpu_flags
 from model.kernels import load as load_kernels
-from model.quant import QuantLinear, quantize
+from model.quant import QuantLinear, quantize, unpack_q4
 
 # (out, in) of the default model's layers: qkv, fc (gate+up), down, and the output layer.
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
 ROWS = (1, 16, 64)
-
-
-_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8).view(1, 1, 2, 1)
 
 
 def _dequant_linear(
@@ -52,10 +49,8 @@ def _dequant_linear(
 ) -> torch.Tensor:
     """A q4 layer in plain PyTorch ops (``QuantizedWeight.dequantize``'s fallback, then
     ``F.linear``), for ``torch.compile`` to fuse if it can."""
-    n = qs.shape[0]
-    q = ((qs.view(n, -1, 1, 16) >> _SHIFTS) & 0x0F).reshape(n, -1, 32)
-    w = q.float() * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
-    return F.linear(x, w.reshape(n, -1))
+    w = unpack_q4(qs).float() * d.float().unsqueeze(-1) + m.float().unsqueeze(-1)
+    return F.linear(x, w.reshape(qs.shape[0], -1))
 
 
 _compiled: Callable[..., torch.Tensor] | None = None

@@ -62,27 +62,22 @@ def _steps(
     follow: list[int] | None,
 ) -> tuple[list[int], torch.Tensor]:
     """Logits of each decode position: greedy when ``follow`` is None, else along it."""
-    from model.kv_cache import ForwardBatch, KVCache
+    from model.generate import decode_one_token, prefill
+    from model.kv_cache import KVCache
 
     total = len(prompt) + n + 1
     kv = KVCache.for_tokens(loaded.config, total, block_size=16, dtype=dtype)
-    table = [list(range(kv.num_blocks))]
-
-    def step(tokens: list[int], start: int) -> torch.Tensor:
-        batch = ForwardBatch.build([tokens], start_pos=[start], block_tables=table, block_size=16)
-        out: torch.Tensor = loaded.model(batch, kv_cache=kv)[0]
-        return out
-
+    table = list(range(kv.num_blocks))
     tokens: list[int] = []
     rows = []
-    logits = step(prompt, 0)
+    logits = prefill(loaded.model, kv, prompt, total)
     while len(tokens) < n:
         rows.append(logits)
         tok = int(logits.argmax()) if follow is None else follow[len(tokens)]
         tokens.append(tok)
         if tok in eos or (follow is not None and len(tokens) == len(follow)):
             break
-        logits = step([tok], len(prompt) + len(tokens) - 1)
+        logits = decode_one_token(loaded.model, kv, tok, len(prompt) + len(tokens) - 1, table)
     return tokens, torch.stack(rows)
 
 

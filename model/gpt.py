@@ -22,6 +22,7 @@ from model.kernels import (
     MAX_GROUP,
     MAX_HEAD_DIM,
     DecodePlan,
+    DecodeTensors,
     Kernels,
     QLayerC,
     qweight_struct,
@@ -643,11 +644,8 @@ class GPT(nn.Module):
         ):
             # A pure decode step on the CPU, each row giving logits: embedding, blocks,
             # final norm and output layer in one kernel call.
-            return step.fused.decode_step(
-                plan, batch.input_ids, batch.positions, step.rope_tables,
-                batch.cache_addressing()[0], kv_cache.k, kv_cache.v, step.decode.tables,
-                step.decode.context_lens,
-            )  # fmt: skip
+            tensors = _decode_tensors(batch, kv_cache, step.rope_tables, step.decode)
+            return step.fused.decode_step(plan, batch.input_ids, tensors)
         x = self.wte(batch.input_ids)  # (T, C)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
@@ -663,9 +661,7 @@ class GPT(nn.Module):
             and step.n_decode == x.shape[0]
         ):
             # A pure decode step on the CPU: every block in one kernel call.
-            slots = batch.cache_addressing()[0]
-            kernels.decode_layers(plan, x, batch.positions, rope, slots, kv_cache.k, kv_cache.v,
-                                  dec.tables, dec.context_lens)  # fmt: skip
+            kernels.decode_layers(plan, x, _decode_tensors(batch, kv_cache, rope, dec))
         else:
             for i, block in enumerate(self.layers):
                 x = block(x, batch, kv_cache, i, step)
@@ -674,6 +670,16 @@ class GPT(nn.Module):
             return x
         # Only the positions asked for go through the (large) vocabulary projection.
         return self.lm_head(x[batch.logits_indices])  # (N, vocab)
+
+
+def _decode_tensors(
+    batch: ForwardBatch, kv_cache: KVCache, rope: tuple[Tensor, Tensor], dec: DecodeInputs
+) -> DecodeTensors:
+    """The step's tensors as the C decode step reads them."""
+    slots = batch.cache_addressing()[0]
+    return DecodeTensors(
+        batch.positions, rope, slots, kv_cache.k, kv_cache.v, dec.tables, dec.context_lens
+    )
 
 
 def _maybe_quantize(

@@ -157,18 +157,7 @@ class Kernels:
             logits.data_ptr(), logits.shape[1], index, len(rows), bitmask.ctypes.data, words, width
         )
 
-    def decode_step(
-        self,
-        plan: DecodePlan,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        tables: torch.Tensor,
-        context_lens: torch.Tensor,
-    ) -> torch.Tensor:
+    def decode_step(self, plan: DecodePlan, ids: torch.Tensor, step: DecodeTensors) -> torch.Tensor:
         """A whole decode step of B sequences from their token ids (B,) int64: the logits
         (B, vocab), or the final normalised hidden states (B, C) when the plan has no
         output layer. Needs ``plan.embed`` and ``plan.final_norm``."""
@@ -178,9 +167,7 @@ class Kernels:
         x = torch.empty(b, c)  # the residual stream, embedded by the kernel
         out = torch.empty(b, plan.head.n if plan.head is not None else c)
         head = ctypes.byref(plan.head) if plan.head is not None else None
-        args, _scratch = _layer_args(
-            plan, x, positions, rope, slots, k_cache, v_cache, tables, context_lens
-        )
+        args, _scratch = _layer_args(plan, x, step)
         status = self.lib.qmm_decode_step(
             ctypes.byref(plan.embed), ids.data_ptr(), plan.final_norm.data_ptr(), head,
             out.data_ptr(), *args,
@@ -191,39 +178,29 @@ class Kernels:
             raise MemoryError("decode step: out of memory")
         return out
 
-    def decode_layers(
-        self,
-        plan: DecodePlan,
-        x: torch.Tensor,
-        positions: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        slots: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        tables: torch.Tensor,
-        context_lens: torch.Tensor,
-    ) -> None:
-        """Run every block of a decode step on the residual stream ``x`` (B, C) in place.
-
-        k_cache, v_cache: the whole cache, (n_layer, num_blocks, block_size, KV, hd)."""
-        args, _scratch = _layer_args(
-            plan, x, positions, rope, slots, k_cache, v_cache, tables, context_lens
-        )
+    def decode_layers(self, plan: DecodePlan, x: torch.Tensor, step: DecodeTensors) -> None:
+        """Run every block of a decode step on the residual stream ``x`` (B, C) in place."""
+        args, _scratch = _layer_args(plan, x, step)
         status = self.lib.qmm_decode_layers(*args)
         if status:
             raise MemoryError("decode step: out of memory")
 
 
+@dataclass(frozen=True)
+class DecodeTensors:
+    """What a decode step reads besides the weights and the residual stream."""
+
+    positions: torch.Tensor  # (B,) int64
+    rope: tuple[torch.Tensor, torch.Tensor]  # the cos and signed sin tables
+    slots: torch.Tensor  # (B,) int64: where each new key and value is stored
+    k_cache: torch.Tensor  # the whole cache: (n_layer, num_blocks, block_size, KV, hd)
+    v_cache: torch.Tensor
+    tables: torch.Tensor  # (B, W) int64 block tables
+    context_lens: torch.Tensor  # (B,) int64
+
+
 def _layer_args(
-    plan: DecodePlan,
-    x: torch.Tensor,
-    positions: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    slots: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    tables: torch.Tensor,
-    context_lens: torch.Tensor,
+    plan: DecodePlan, x: torch.Tensor, step: DecodeTensors
 ) -> tuple[tuple[Any, ...], torch.Tensor]:
     """The arguments of ``qmm_decode_layers`` (which ``qmm_decode_step`` ends with), for
     the residual stream ``x`` (B, C), and the scratch buffer they point into (the caller
@@ -231,12 +208,14 @@ def _layer_args(
     b, c = x.shape
     width = (plan.n_head + 2 * plan.n_kv_head) * plan.head_dim
     scratch = torch.empty(b * (c + width + plan.n_head * plan.head_dim + 3 * plan.inner))
+    k_cache, tables = step.k_cache, step.tables
     args = (
         plan.layers, plan.n_layer, x.data_ptr(), b, c, plan.n_head, plan.n_kv_head,
-        plan.head_dim, plan.inner, plan.eps, positions.data_ptr(), rope[0].data_ptr(),
-        rope[1].data_ptr(), slots.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-        k_cache[0].numel(), KV_DTYPES[k_cache.dtype], k_cache.shape[2], tables.data_ptr(),
-        tables.shape[1], context_lens.data_ptr(), plan.scale, scratch.data_ptr(),
+        plan.head_dim, plan.inner, plan.eps, step.positions.data_ptr(), step.rope[0].data_ptr(),
+        step.rope[1].data_ptr(), step.slots.data_ptr(), k_cache.data_ptr(),
+        step.v_cache.data_ptr(), k_cache[0].numel(), KV_DTYPES[k_cache.dtype], k_cache.shape[2],
+        tables.data_ptr(), tables.shape[1], step.context_lens.data_ptr(), plan.scale,
+        scratch.data_ptr(),
     )  # fmt: skip
     return args, scratch
 

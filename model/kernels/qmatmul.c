@@ -528,52 +528,57 @@ int64_t qmm_set_tiled_min_rows(int64_t rows) {
 GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1, tiled_q4)
 GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0, tiled_q8)
 
-/* Dequantize whole rows to float32 (for large batches, which go to a float GEMM): the
- * AVX2 build with the tiled kernel's vectorised row decoder, the generic build with the
- * scalar loop; both compute d * q, then + m, rounding each. */
+/* Dequantize row n of a weight to float32 (w: its K values): the AVX2 build with the
+ * tiled kernel's vectorised row decoder, the generic build with the scalar loop; both
+ * compute d * q, then + m, rounding each. */
+static void dequant_row_q4(const uint8_t *q, const void *d, const void *m, int f16, int64_t n,
+                           int64_t nb, float *w) {
+    float dbuf[nb], mbuf[nb];
+    const float *dr = row_scales(d, f16, n, nb, dbuf), *mr = row_scales(m, f16, n, nb, mbuf);
+#if QMM_AVX2
+    dequant_rows_q4(q + n * nb * (QK / 2), dr, mr, 1, nb, w);
+#else
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *qb = q + (n * nb + b) * (QK / 2);
+        float *wb = w + b * QK;
+        for (int j = 0; j < QK / 2; j++) {
+            wb[j] = dr[b] * (float)(qb[j] & 0x0F);
+            wb[j + QK / 2] = dr[b] * (float)(qb[j] >> 4);
+        }
+        if (mr) /* no "+ 0": it would turn a -0.0 into +0.0 */
+            for (int j = 0; j < QK; j++) wb[j] += mr[b];
+    }
+#endif
+}
+
+static void dequant_row_q8(const int8_t *q, const void *d, const void *m, int f16, int64_t n,
+                           int64_t nb, float *w) {
+    float dbuf[nb], mbuf[nb];
+    const float *dr = row_scales(d, f16, n, nb, dbuf), *mr = row_scales(m, f16, n, nb, mbuf);
+#if QMM_AVX2
+    dequant_rows_q8(q + n * nb * QK, dr, mr, 1, nb, w);
+#else
+    for (int64_t b = 0; b < nb; b++) {
+        const int8_t *qb = q + (n * nb + b) * QK;
+        float *wb = w + b * QK;
+        for (int j = 0; j < QK; j++) wb[j] = dr[b] * (float)qb[j];
+        if (mr)
+            for (int j = 0; j < QK; j++) wb[j] += mr[b];
+    }
+#endif
+}
+
+/* Dequantize whole rows to float32 (for large batches, which go to a float GEMM). */
 void qmm_dequant_q4(const uint8_t *q, const void *d, const void *m, int64_t N, int64_t K,
                     float *w, int f16) {
-    const int64_t nb = K / QK;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float dbuf[nb], mbuf[nb];
-        const float *dr = row_scales(d, f16, n, nb, dbuf), *mr = row_scales(m, f16, n, nb, mbuf);
-#if QMM_AVX2
-        dequant_rows_q4(q + n * nb * (QK / 2), dr, mr, 1, nb, w + n * K);
-#else
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *qb = q + (n * nb + b) * (QK / 2);
-            float *wb = w + n * K + b * QK;
-            for (int j = 0; j < QK / 2; j++) {
-                wb[j] = dr[b] * (float)(qb[j] & 0x0F);
-                wb[j + QK / 2] = dr[b] * (float)(qb[j] >> 4);
-            }
-            if (mr) /* no "+ 0": it would turn a -0.0 into +0.0 */
-                for (int j = 0; j < QK; j++) wb[j] += mr[b];
-        }
-#endif
-    }
+    for (int64_t n = 0; n < N; n++) dequant_row_q4(q, d, m, f16, n, K / QK, w + n * K);
 }
 
 void qmm_dequant_q8(const int8_t *q, const void *d, const void *m, int64_t N, int64_t K,
                     float *w, int f16) {
-    const int64_t nb = K / QK;
 #pragma omp parallel for schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        float dbuf[nb], mbuf[nb];
-        const float *dr = row_scales(d, f16, n, nb, dbuf), *mr = row_scales(m, f16, n, nb, mbuf);
-#if QMM_AVX2
-        dequant_rows_q8(q + n * nb * QK, dr, mr, 1, nb, w + n * K);
-#else
-        for (int64_t b = 0; b < nb; b++) {
-            const int8_t *qb = q + (n * nb + b) * QK;
-            float *wb = w + n * K + b * QK;
-            for (int j = 0; j < QK; j++) wb[j] = dr[b] * (float)qb[j];
-            if (mr)
-                for (int j = 0; j < QK; j++) wb[j] += mr[b];
-        }
-#endif
-    }
+    for (int64_t n = 0; n < N; n++) dequant_row_q8(q, d, m, f16, n, K / QK, w + n * K);
 }
 
 /* ---------------------------------------------------------------------------------
@@ -917,21 +922,18 @@ int qmm_decode_layers(const QLayer *layers, int64_t n_layer, float *x, int64_t B
     return 0;
 }
 
-/* Rows ids[0..B) of a quantized (n, C) embedding, dequantized into x (B, C).
- * Returns 0, or -2 for an id outside the table. */
+/* Rows ids[0..B) of a quantized (n, C) embedding, dequantized into x (B, C) on the
+ * calling thread (a row is too little work for a parallel region). Returns 0, or -2
+ * for an id outside the table. */
 static int embed_rows(const QWeight *e, const int64_t *ids, int64_t B, float *x) {
-    const int64_t nb = e->k / QK, row_bytes = e->kind == 0 ? nb * (QK / 2) : nb * QK;
-    const size_t scale_bytes = e->f16 ? sizeof(uint16_t) : sizeof(float);
+    const int64_t nb = e->k / QK;
     for (int64_t b = 0; b < B; b++) {
         const int64_t id = ids[b];
         if (id < 0 || id >= e->n) return -2;
-        const char *q = (const char *)e->q + id * row_bytes;
-        const char *d = (const char *)e->d + (size_t)(id * nb) * scale_bytes;
-        const char *m = e->m ? (const char *)e->m + (size_t)(id * nb) * scale_bytes : NULL;
         if (e->kind == 0)
-            qmm_dequant_q4((const uint8_t *)q, d, m, 1, e->k, x + b * e->k, e->f16);
+            dequant_row_q4((const uint8_t *)e->q, e->d, e->m, e->f16, id, nb, x + b * e->k);
         else
-            qmm_dequant_q8((const int8_t *)q, d, m, 1, e->k, x + b * e->k, e->f16);
+            dequant_row_q8((const int8_t *)e->q, e->d, e->m, e->f16, id, nb, x + b * e->k);
     }
     return 0;
 }

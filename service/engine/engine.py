@@ -461,9 +461,13 @@ class Engine:
         ]
         if not rows:
             return None
+        return self._mask_worker().start(rows, [chunks[i].seq.state.matcher for i in rows])
+
+    def _mask_worker(self) -> MaskWorker:
+        """The engine's one mask worker, made on first use."""
         if self._masks is None:
             self._masks = MaskWorker(self.model_config.vocab_size, self.device.type == "cuda")
-        return self._masks.start(rows, [chunks[i].seq.state.matcher for i in rows])
+        return self._masks
 
     def _guess_rows(self, chunks: list[ScheduledChunk]) -> frozenset[int]:
         """Constrained rows whose mask can wait for their draw, on the CPU: those whose
@@ -476,18 +480,9 @@ class Engine:
             return frozenset()
         rows = []
         for i, chunk in enumerate(chunks):
-            if chunk.seq.state.matcher is None:
-                continue
-            try:
-                row = sampling_row(chunk.seq)
-            except Exception:  # sampling raises it again, for this row alone
-                continue
-            if (
-                row.top_k == 0
-                and row.top_p == 1.0
-                and row.min_p == 0.0
-                and row.num_logprobs is None
-            ):
+            p = chunk.seq.state.params  # what its sampling row is built from
+            free = p.top_k == 0 and p.top_p == 1.0 and p.min_p == 0.0 and p.logprobs is None
+            if chunk.seq.state.matcher is not None and free:
                 rows.append(i)
         return frozenset(rows)
 
@@ -516,9 +511,7 @@ class Engine:
                 refused.append(i)
         if not refused:
             return
-        if self._masks is None:
-            self._masks = MaskWorker(self.model_config.vocab_size, self.device.type == "cuda")
-        job = self._masks.start(refused, [chunks[i].seq.state.matcher for i in refused])
+        job = self._mask_worker().start(refused, [chunks[i].seq.state.matcher for i in refused])
         try:
             job.apply(logits)
         except Exception as exc:  # those rows fail alone, as a sampling error would

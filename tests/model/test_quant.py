@@ -267,14 +267,25 @@ def test_rope_store_equals_rope_then_cache_write(kernels, kv_dtype):
 
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("h,kv,hd", [(6, 2, 16), (4, 4, 12), (9, 3, 64)])
-def test_decode_attention_equals_sdpa_over_gathered_blocks(kernels, kv_dtype, h, kv, hd):
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_decode_attention_equals_sdpa_over_gathered_blocks(
+    kernels, kv_dtype, h, kv, hd, block_size
+):
     config = _config(h, kv, hd)
-    cache = KVCache(config, num_blocks=12, block_size=4, dtype=kv_dtype)
+    cache = KVCache(config, num_blocks=40, block_size=block_size, dtype=kv_dtype)
     cache.k.copy_(torch.randn(cache.k.shape))
     cache.v.copy_(torch.randn(cache.v.shape))
-    tables = torch.tensor([[7, 2, 9, 0], [11, 3, 0, 0], [5, 0, 0, 0]])  # out of order, padded
-    ctx = torch.tensor([14, 6, 1])
-    q = torch.randn(3, h, hd) * 4  # scores far apart: exp of large negative numbers too
+    # Lengths that end inside a block on every key step (eight keys, four, one at a time),
+    # and enough sequences that a task takes all of a sequence's KV heads.
+    lengths = [3 * block_size + 7, 6, 1, 2 * block_size, block_size + 3, 12, 5, 9, 4]
+    width = max(-(-n // block_size) for n in lengths)
+    blocks = torch.randperm(40).tolist()  # out of order
+    tables = torch.zeros(len(lengths), width, dtype=torch.int64)  # padded with block 0
+    for b, n in enumerate(lengths):
+        for j in range(-(-n // block_size)):
+            tables[b, j] = blocks.pop()
+    ctx = torch.tensor(lengths)
+    q = torch.randn(len(lengths), h, hd) * 4  # scores far apart: exp of large negatives too
     got = kernels.decode_attention(q, cache.k[0], cache.v[0], tables, ctx, 0.3)
     k, v = cache.gather(0, tables)  # (B, L, KV, hd)
     mask = (torch.arange(k.shape[1])[None, :] < ctx[:, None])[:, None, None, :]

@@ -18,6 +18,7 @@ every request in flight, and every later one, gets ``EngineDead``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import secrets
 import threading
@@ -101,6 +102,23 @@ def _in_passing_thread(fn: Callable[[], T]) -> T:
         raise box["error"]
     value: T = box["value"]
     return value
+
+
+def release_free_heap() -> bool:
+    """Return the heap's free pages to the system (glibc's ``malloc_trim``).
+
+    Loading leaves its scratch (file buffers, float copies of blocks being
+    repacked, the tokenizer's intermediate tables) free inside glibc's arenas,
+    where it stays resident: ~30 MiB of the default model's RSS once ready.
+    False where there is no glibc (musl, macOS): nothing to do there.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 class Engine:
@@ -190,7 +208,9 @@ class Engine:
             name = model_name or loaded.name
             return cls(loaded.model, tokenizer, config or EngineConfig(), name, registry)
 
-        return _in_passing_thread(build)
+        engine = _in_passing_thread(build)
+        release_free_heap()
+        return engine
 
     # -- properties for the HTTP layer ----------------------------------------------
 

@@ -401,7 +401,10 @@ static const micro_fn MICRO1[5] = {NULL, micro_1_1, micro_2_1, micro_3_1, micro_
         tr = tr < 3 ? 3 : tr - tr % 3;                                                  \
         const int64_t ntiles = (N + tr - 1) / tr;                                       \
         int failed = 0;                                                                 \
-        _Pragma("omp parallel for schedule(static)")                                    \
+        /* tiles handed out one at a time: a static split leaves a core waiting for a  \
+         * whole tile at the end of most layers (and for more when the other core is   \
+         * slowed by other work) */                                                     \
+        _Pragma("omp parallel for schedule(dynamic, 1)")                                \
         for (int64_t t = 0; t < ntiles; t++) {                                          \
             float *wt = tile_scratch((size_t)(tr * K));                                 \
             if (!wt) {                                                                  \

@@ -824,6 +824,8 @@ void qmm_rms_norm(const float *x, const float *w, int64_t T, int64_t C, float ep
 
 /* a[t, j] = silu(g[t, j]) * g[t, I + j] for T rows of 2 * I values (gate, then up). */
 void qmm_silu_mul(const float *g, int64_t T, int64_t I, float *a) {
+    /* ~1.5 us a row of 1,536: worth both cores from a batch of decodes up */
+#pragma omp parallel for schedule(static) if (T * I >= 16384)
     for (int64_t t = 0; t < T; t++) {
         const float *gt = g + t * 2 * I;
         float *at = a + t * I;

@@ -9,9 +9,11 @@ at once and refuses new work while requests in flight finish.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, Any, Literal, Protocol
@@ -119,10 +121,12 @@ class Runtime:
 
     async def _load(self) -> None:
         try:
-            engine = await asyncio.to_thread(self.factory, self.settings)
-            self.engine = engine
-            await asyncio.to_thread(engine.start)  # blocks until the engine's own warm-up is done
-            await self._warm(engine)
+            with _frozen_when_loaded():
+                engine = await asyncio.to_thread(self.factory, self.settings)
+                self.engine = engine
+                # blocks until the engine's own warm-up is done
+                await asyncio.to_thread(engine.start)
+                await self._warm(engine)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -184,6 +188,25 @@ class Runtime:
                 except Exception:
                     logger.exception("stopping the engine failed")
             self.phase = "stopped"
+
+
+@contextlib.contextmanager
+def _frozen_when_loaded() -> Iterator[None]:
+    """No garbage collection inside; on a clean exit, every object alive is moved out
+    of the collector's sight (``gc.freeze``).
+
+    Importing PyTorch and loading a model create ~3x10^5 objects that live as long as
+    the process. The collector's full passes over them while they were being made took
+    ~0.27 s of the default server's start-up, and any later full pass would stall every
+    stream for ~0.15 s. What loading leaves as garbage is frozen with them rather than
+    paying one more full pass: for the default model ~7,000 objects, ~1 MB, no tensors.
+    """
+    gc.disable()
+    try:
+        yield
+        gc.freeze()
+    finally:
+        gc.enable()
 
 
 @functools.cache

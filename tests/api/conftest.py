@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,3 +36,12 @@ def make_client(engine: FakeEngine) -> Callable[..., Any]:
         return serve(engine, **overrides)
 
     return factory
+
+
+@pytest.fixture(autouse=True)
+def _unfrozen_afterwards() -> Iterator[None]:
+    """A served app freezes every object alive once its engine has loaded (see
+    ``service.api.runtime``); in this one long-lived test process, hand them back to the
+    collector after each test."""
+    yield
+    gc.unfreeze()

@@ -224,7 +224,7 @@ def http_section(results: R) -> str:
     )
     ready = get(results, "http", "ready_s")
     return (
-        f"`python -m service.api.server` started as a child process: ready after {runs(ready)} s. "
+        f"`python -m service.cli serve` (what `gptserve serve` runs) started as a child process: ready after {runs(ready)} s. "
         "Closed-loop sweep with the load generator (`/v1/completions`, SSE, `ignore_eos`, 64-token "
         "prompts, 128 new tokens): 3 requests at concurrency 1, 4 at 2, then one full wave per level.\n\n"
         + table(head, rows)
@@ -318,7 +318,7 @@ def memory_section(results: R) -> str:
         else f"{done if done is not None else 'n/a'} completed"
     )
     return (
-        f"A fresh server (`python -m service.api.server`, ready after {num(m.get('ready_s'))} s): "
+        f"A fresh server (`python -m service.cli serve`, ready after {num(m.get('ready_s'))} s): "
         f"its resident set once ready, {num(m.get('rss_ready_mib'))} MiB; then "
         f"{m.get('streams', 'n/a')} concurrent requests of {size}-token prompts and "
         f"{m.get('new_tokens', 'n/a')} new tokens ({completed}): "

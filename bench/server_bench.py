@@ -29,7 +29,7 @@ def free_port() -> int:
 
 @dataclass
 class ServerProcess:
-    """``python -m service.api.server`` on a free local port."""
+    """``python -m service.cli serve`` (the ``gptserve serve`` command) on a free local port."""
 
     model: str
     args: Sequence[str] = ()
@@ -43,7 +43,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 120.0) -> float:
         """Start the process; seconds from spawning it to ``/ready`` answering 200."""
-        cmd = [sys.executable, "-m", "service.api.server", "--model", self.model]
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", self.model]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), *self.args]
         fd, name = tempfile.mkstemp(prefix="gptserve-bench-", suffix=".log")
         self.log_path = Path(name)

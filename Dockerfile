@@ -56,7 +56,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-deps /wheels/*.whl
 
 # The CPU kernels for quantized weights (model/kernels/qmatmul.c), compiled here for
-# AVX2 and for any CPU, so that no compiler is needed at run time; the compiler is
+# AVX-512, AVX2 and any CPU, so that no compiler is needed at run time; the compiler is
 # removed again, libgomp (the OpenMP runtime PyTorch also uses) stays.
 ENV GPTSERVE_KERNEL_DIR=/opt/gptserve/kernels
 # DL3008 reason: Debian's gcc of the base image's release is what the kernels are tested with.

@@ -11,8 +11,10 @@ of medians in microseconds:
   (per-channel int8) with bfloat16 and with float32 activations;
 - ``int4pack bf16`` / ``int4pack f32``: ``_weight_int4pack_mm_for_cpu`` (groups
   of 32) likewise;
-- ``ours q4`` / ``ours q8``: ``model.kernels`` on GGUF-style blocks with float32
-  activations (exact dequantization; the default path);
+- ``ours q4 <build>`` / ``ours q8 <build>``: ``model.kernels`` on GGUF-style blocks
+  with float32 activations (exact dequantization; the default path), once per vector
+  build this CPU runs (``avx512`` where it has AVX-512, ``avx2``); the model uses the
+  first;
 - ``compile q4`` (with ``--compile``, off by default: ~30 s of compiling per layer
   shape): ``torch.compile`` (inductor's CPU backend, C++ through the system compiler)
   of the same q4 blocks' dequantize-then-``F.linear`` written in PyTorch ops, the
@@ -24,6 +26,7 @@ Candidates PyTorch cannot run here are reported as such, not skipped silently.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.environment import header, write_json
-from model.kernels import cpu_flags
+from model.kernels import KernelBuildError, cpu_flags, load_build, runnable_isas
 from model.kernels import load as load_kernels
 from model.quant import QuantLinear, quantize, unpack_q4
 
@@ -99,11 +102,20 @@ def _candidates(
         out["int4pack f32"] = lambda: torch._weight_int4pack_mm_for_cpu(x, packed, 32, sz)
     except (RuntimeError, AttributeError) as e:
         out["int4pack"] = f"unavailable: {str(e).splitlines()[0][:60]}"
-    if load_kernels() is not None:
-        out["ours q4"] = lambda: q4(x)
-        out["ours q8"] = lambda: q8(x)
-    else:
+    if load_kernels() is None:
         out["ours"] = "unavailable: no kernels (see the log)"
+    for isa in [i for i in runnable_isas() if i != "generic"]:
+        # each vector build this CPU runs, called directly (the model uses the first)
+        try:
+            kernels = load_build(isa)
+        except (KernelBuildError, OSError) as e:
+            out[f"ours {isa}"] = f"unavailable: {str(e).splitlines()[0][:60]}"
+            continue
+        y = torch.empty(rows, n)
+        for name, layer in (("q4", q4), ("q8", q8)):
+            out[f"ours {name} {isa}"] = functools.partial(
+                kernels.matmul, x, layer.weight_q, y, False
+            )
     if with_compile:
         out["compile q4"] = _compiled_q4(x, q4)
     return out

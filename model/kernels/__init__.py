@@ -2,10 +2,11 @@
 
 The C source is compiled once per machine with the system C compiler into a
 shared library (``python -m model.kernels`` does it at install; the first use
-does it otherwise) and called through ctypes. Two builds exist: ``avx2``
-(AVX2 + FMA, for x86-64 CPUs of the last decade, AVX-512 ones included) and
-``generic`` (plain C, any CPU). The best one the CPU supports is used;
-``GPTSERVE_KERNELS`` forces one (``avx2``, ``generic``) or turns them off
+does it otherwise) and called through ctypes. Three builds exist: ``avx512``
+(the AVX2 build with 16-lane matmul kernels, for CPUs with AVX-512 F, BW and VL),
+``avx2`` (AVX2 + FMA, for x86-64 CPUs of the last decade) and ``generic`` (plain C,
+any CPU). The best one the CPU supports is used; ``GPTSERVE_KERNELS`` forces one
+(``avx512``, ``avx2``, ``generic``) or turns them off
 (``off``), in which case quantized layers dequantize and call PyTorch.
 
 Libraries are cached under ``GPTSERVE_KERNEL_DIR``, else ``_build`` beside this
@@ -37,10 +38,16 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("qmatmul.c")
 _COMMON_FLAGS = ("-O3", "-std=c11", "-fPIC", "-shared", "-fopenmp")
 _ISA_FLAGS = {
+    "avx512": ("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl"),
     "avx2": ("-mavx2", "-mfma", "-mf16c"),
     "generic": (),
 }
-_CPU_FLAGS_NEEDED = {"avx2": {"avx2", "fma", "f16c"}, "generic": set()}
+# Best first: best_isa() picks the first whose flags the CPU has.
+_CPU_FLAGS_NEEDED = {
+    "avx512": {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "generic": set(),
+}
 
 
 class KernelBuildError(RuntimeError):
@@ -309,7 +316,13 @@ def cpu_flags() -> set[str]:
 
 def best_isa(flags: set[str] | None = None) -> str:
     flags = cpu_flags() if flags is None else flags
-    return "avx2" if _CPU_FLAGS_NEEDED["avx2"] <= flags else "generic"
+    return next(isa for isa, needed in _CPU_FLAGS_NEEDED.items() if needed <= flags)
+
+
+def runnable_isas(flags: set[str] | None = None) -> list[str]:
+    """Every build this CPU can run, best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [isa for isa, needed in _CPU_FLAGS_NEEDED.items() if needed <= flags]
 
 
 def _cache_dirs() -> list[Path]:
@@ -407,13 +420,24 @@ def load() -> Kernels | None:
     if isa not in _ISA_FLAGS:
         logger.warning("GPTSERVE_KERNELS=%r is not one of auto, off, %s", wanted, list(_ISA_FLAGS))
         isa = best_isa()
-    torch.ones(1).sum()  # torch's OpenMP runtime first, so the library shares it
+    elif isa not in runnable_isas():
+        logger.warning("GPTSERVE_KERNELS=%s: this CPU lacks its instructions", isa)
+        isa = best_isa()
     try:
-        path = find_or_build(isa)
-        lib = ctypes.CDLL(str(path))
-        _bind(lib)
+        kernels = load_build(isa)
     except (KernelBuildError, OSError) as e:
         logger.warning("quantized CPU kernels unavailable, layers dequantize instead: %s", e)
         return None
-    logger.info("quantized CPU kernels: %s build (%s)", isa, path.name)
+    logger.info("quantized CPU kernels: %s build (%s)", isa, kernels.path.name)
+    return kernels
+
+
+def load_build(isa: str) -> Kernels:
+    """The library of one build, compiled if need be, whatever ``GPTSERVE_KERNELS``
+    says (for tests and benchmarks that compare builds; the CPU must run it).
+    Raises KernelBuildError or OSError."""
+    torch.ones(1).sum()  # torch's OpenMP runtime first, so the library shares it
+    path = find_or_build(isa)
+    lib = ctypes.CDLL(str(path))
+    _bind(lib)
     return Kernels(isa, lib, path)

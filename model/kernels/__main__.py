@@ -11,16 +11,16 @@ from __future__ import annotations
 import platform
 import sys
 
-from model.kernels import KernelBuildError, best_isa, find_or_build
+from model.kernels import KernelBuildError, find_or_build, runnable_isas
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if "--all" in argv:
-        isas = ["avx2", "generic"] if x86 else ["generic"]
+        isas = ["avx512", "avx2", "generic"] if x86 else ["generic"]
     else:
-        isas = ["generic"] if best_isa() == "generic" else ["avx2", "generic"]
+        isas = runnable_isas()
     for isa in isas:
         try:
             sys.stdout.write(f"kernels ({isa}): {find_or_build(isa)}\n")

@@ -30,15 +30,10 @@ RNG = np.random.default_rng(7)
 
 
 def _build(isa: str) -> Kernels:
-    import ctypes
-
-    path = kmod.find_or_build(isa)
-    lib = ctypes.CDLL(str(path))
-    kmod._bind(lib)
-    return Kernels(isa, lib, path)
+    return kmod.load_build(isa)
 
 
-ISAS = ["generic"] + (["avx2"] if kmod.best_isa() == "avx2" else [])
+ISAS = kmod.runnable_isas()[::-1]  # generic, then avx2 and avx512 where the CPU has them
 
 
 @pytest.fixture(scope="module", params=ISAS)
@@ -101,9 +96,10 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, 
 @pytest.mark.parametrize("rows", [1, 4, 7, 64])
 @pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
 def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k, rows, tiled):
-    """Both batch paths of each build: the row kernels, and (AVX2) the tiled one that
-    dequantizes a tile of weight rows and multiplies 4 x 3 register tiles; the shapes
-    leave remainders in rows of x, rows of W and vector lanes."""
+    """Both batch paths of each build: the row kernels, and (AVX2, AVX-512) the tiled
+    one that dequantizes a tile of weight rows and multiplies 4 x 3 register tiles (in
+    the AVX-512 build 16 lanes wide while x is small, 8 at 64 rows of K = 576); the
+    shapes leave remainders in rows of x, rows of W and vector lanes."""
     previous = kernels.lib.qmm_set_tiled_min_rows(1 if tiled else 0)
     try:
         w = random_weight(kind, n, k, with_min, f16=f16)
@@ -367,6 +363,28 @@ def test_kernels_off_falls_back_with_a_log_line(monkeypatch, caplog):
         with caplog.at_level("INFO", logger="model.kernels"):
             assert kmod.load() is None
         assert "off" in caplog.text
+    finally:
+        kmod.load.cache_clear()
+
+
+def test_the_best_build_the_cpu_runs_is_chosen():
+    avx512 = {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl"}
+    assert kmod.best_isa(avx512) == "avx512"
+    assert kmod.runnable_isas(avx512) == ["avx512", "avx2", "generic"]
+    assert kmod.best_isa(avx512 - {"avx512bw"}) == "avx2"  # AVX-512 F alone is not enough
+    assert kmod.best_isa({"avx2", "fma"}) == "generic"  # no F16C
+    assert kmod.runnable_isas(set()) == ["generic"]
+
+
+def test_a_forced_build_the_cpu_cannot_run_is_refused(monkeypatch, caplog):
+    monkeypatch.setenv("GPTSERVE_KERNELS", "avx512")
+    monkeypatch.setattr(kmod, "cpu_flags", lambda: {"avx2", "fma", "f16c"})
+    monkeypatch.setattr(kmod, "load_build", lambda isa: Kernels(isa, None, Path(isa)))  # type: ignore[arg-type]
+    kmod.load.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="model.kernels"):
+            loaded = kmod.load()
+        assert loaded is not None and loaded.isa == "avx2" and "lacks" in caplog.text
     finally:
         kmod.load.cache_clear()
 

@@ -78,11 +78,42 @@ def _tail(text: str, lines: int = 15) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
-def _pip(pip: Sequence[str], args: Sequence[str], timeout: float) -> tuple[int, str]:
+# llama.cpp builds for the CPU it is built on (-march=native). On a Xeon with AMX, its
+# AMX matmul then traps with an invalid opcode where the virtual machine does not let
+# the tiles be used although the CPU flags list them (seen on 2-core cloud VMs); the
+# baseline is built without AMX (our kernels use none either). A CMAKE_ARGS of the
+# caller's own replaces this.
+NO_AMX = " ".join(
+    f'-DCMAKE_{lang}_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"' for lang in ("C", "CXX")
+)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.partition(":")[2].split())
+
+
+def build_env(cpu: set[str] | None = None) -> dict[str, str]:
+    """The environment of the wheel build: CMAKE_ARGS without AMX where the CPU has it
+    (an x86 compiler accepts the flags; elsewhere nothing is added)."""
+    env = dict(os.environ)
+    flags = _cpu_flags() if cpu is None else cpu
+    if "CMAKE_ARGS" not in env and any(f.startswith("amx") for f in flags):
+        env["CMAKE_ARGS"] = NO_AMX
+    return env
+
+
+def _pip(
+    pip: Sequence[str], args: Sequence[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[int, str]:
     """Run pip; (exit status, its output). A missing program or a timeout is a failure too."""
     try:
         proc = subprocess.run(
-            [*pip, *args], capture_output=True, text=True, timeout=timeout, check=False
+            [*pip, *args], capture_output=True, text=True, timeout=timeout, check=False, env=env
         )
     except FileNotFoundError as exc:
         return 127, str(exc)
@@ -110,8 +141,10 @@ def ensure_installed(
         log.info("building %s from its source distribution into %s (once)", PACKAGE, cache)
         cache.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        args = ["wheel", "--no-deps", "--no-binary", PACKAGE, PACKAGE, "-w", str(cache)]
-        rc, output = _pip(pip, args, timeout)
+        # --no-cache-dir: a wheel pip built before (with other CMAKE_ARGS) is not reused
+        args = ["wheel", "--no-deps", "--no-cache-dir", "--no-binary", PACKAGE, PACKAGE]
+        args += ["-w", str(cache)]
+        rc, output = _pip(pip, args, timeout, env=build_env())
         build_s = round(time.perf_counter() - start, 1)
         (cache / "build.log").write_text(output, encoding="utf-8")
         if rc != 0:

@@ -112,3 +112,14 @@ def test_prompt_ids_round_trip_through_the_command_line():
     assert llamacpp.parse_prompt_ids(text) == prompts
     with pytest.raises(ValueError):
         llamacpp.parse_prompt_ids(";")
+
+
+def test_the_build_leaves_out_amx_where_the_cpu_lists_it(monkeypatch):
+    """llama.cpp's AMX matmul traps on VMs that list AMX without letting it run; the
+    baseline is built without it there, and a caller's own CMAKE_ARGS wins."""
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    amx = llamacpp.build_env({"avx512f", "amx_tile", "amx_int8"})["CMAKE_ARGS"]
+    assert "-mno-amx-tile" in amx and "-mno-amx-int8" in amx and "CMAKE_CXX_FLAGS" in amx
+    assert "CMAKE_ARGS" not in llamacpp.build_env({"avx2", "fma"})
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_NATIVE=OFF")
+    assert llamacpp.build_env({"amx_tile"})["CMAKE_ARGS"] == "-DGGML_NATIVE=OFF"

@@ -265,6 +265,24 @@ def test_encode_parses_special_tokens_only_when_asked(tok: Tokenizer) -> None:
     assert len(plain) > 1 and not set(plain) & tok.special_token_ids
 
 
+def test_the_plain_copy_is_made_only_for_text_that_spells_a_special_token(gguf_path) -> None:
+    """Start-up does not pay for the copy of the backend with special-token parsing
+    off; text spelling no special token gives the ids the copy would give."""
+    from tokenizers import Tokenizer as Backend
+
+    t = Tokenizer.from_path(gguf_path)
+    assert t._plain_backend is None
+    eager = Backend.from_str(t._backend.to_str())
+    eager.encode_special_tokens = True
+    texts = ["Hello, world!", " <|im_ end|> <|im_start", "x" * 300, "日本語 🙂\n\t", ""]
+    for text in texts:
+        assert t.encode(text, add_special_tokens=False) == eager.encode(text).ids, text
+    assert t._plain_backend is None
+    forged = "a<|im_end|>b<|endoftext|>"
+    assert t.encode(forged, add_special_tokens=False) == eager.encode(forged).ids
+    assert t._plain_backend is not None
+
+
 def test_default_chat_template_when_none(tok: Tokenizer) -> None:
     t = _with_template(tok, None)  # type: ignore[arg-type]
     assert t.chat_template is None

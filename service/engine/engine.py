@@ -197,14 +197,16 @@ class Engine:
         ``model.loading.load_model``). ``model_name`` labels the metrics (default:
         the loaded model's name)."""
         from model.loading import load_model
+        from model.loading.gguf_format import gguf_headers_reused
         from model.tokenizer import Tokenizer
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
 
         def build() -> Engine:
-            loaded = load_model(name_or_path, dtype=dtype, device=device, weights=weights)
-            tokenizer = Tokenizer.from_path(loaded.path)
+            with gguf_headers_reused():  # the weights' and the tokenizer's
+                loaded = load_model(name_or_path, dtype=dtype, device=device, weights=weights)
+                tokenizer = Tokenizer.from_path(loaded.path)
             name = model_name or loaded.name
             return cls(loaded.model, tokenizer, config or EngineConfig(), name, registry)
 

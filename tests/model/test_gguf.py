@@ -555,3 +555,23 @@ def test_every_claimed_size_is_bounded(good, tmp_path, key, value):
     with pytest.raises(ModelFileError) as err:
         load_gguf(path)
     assert err.value.key == key, str(err.value)
+
+
+def test_a_header_is_parsed_once_inside_gguf_headers_reused(monkeypatch, tmp_path):
+    from model.loading import gguf_format
+    from model.registry import DEFAULT_MODEL, resolve_model
+
+    parsed: list[Path] = []
+    real = gguf_format._parse
+    monkeypatch.setattr(gguf_format, "_parse", lambda cur: parsed.append(cur.path) or real(cur))
+    path = resolve_model(DEFAULT_MODEL)
+    with gguf_format.gguf_headers_reused():
+        first = gguf_format.read_gguf_header(path)
+        assert gguf_format.read_gguf_header(path) is first
+        copy = tmp_path / "copy.gguf"
+        copy.write_bytes(path.read_bytes()[: 1 << 20])  # another file: parsed apart
+        with pytest.raises(ModelFileError):  # (cut short: its tensors run past the end)
+            gguf_format.read_gguf_header(copy)
+    assert len(parsed) == 2
+    gguf_format.read_gguf_header(path)  # outside the block: parsed again
+    assert len(parsed) == 3

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import jsonschema
 import pytest
@@ -118,23 +119,25 @@ def test_a_bad_constraint_fails_before_any_event_naming_its_field(
     run(engine, main)
 
 
-def test_a_compile_past_the_timeout_is_a_bad_request() -> None:
-    engine = make_engine(structured_compile_timeout=1e-6)
+def test_a_compile_past_the_timeout_is_a_bad_request(monkeypatch) -> None:
+    """A compile slower than the timeout (made slow here, so that a busy machine cannot
+    finish it first) is the request's 400; the engine serves on."""
+    engine = make_engine(structured_compile_timeout=0.05)
+    compile_ = engine.grammars._compile
+
+    def slow(constraint):
+        time.sleep(0.5)
+        return compile_(constraint)
+
+    monkeypatch.setattr(engine.grammars, "_compile", slow)
 
     async def main() -> None:
-        await engine.grammars.compile(Constraint("regex", "warm"))  # may time out: fine
-        with pytest.raises(BadRequest, match="did not compile within"):
+        with pytest.raises(BadRequest, match="did not compile within 0.05 s"):
             await collect(engine, prompt_of(1, 4), params(schema("nested")))
+        monkeypatch.setattr(engine.grammars, "_compile", compile_)
+        assert tokens_of(await collect(engine, prompt_of(1, 4), greedy(3)))
 
-    async def guarded() -> None:
-        try:
-            await main()
-        except BadRequest as exc:  # the warm-up itself timed out
-            assert "did not compile" in exc.message
-            with pytest.raises(BadRequest, match="did not compile within"):
-                await collect(engine, prompt_of(1, 4), params(schema("refs")))
-
-    run(engine, guarded)
+    run(engine, main)
 
 
 def test_unconstrained_greedy_rows_are_the_same_alone_and_beside_constrained_ones() -> None:

@@ -3,7 +3,7 @@
 ``python -m bench.kernels [--reps N] [--json PATH]`` times one linear layer of the
 default model's shapes with every candidate, interleaved (each round runs every
 candidate once, so machine noise hits them alike), and prints a markdown table
-of medians in microseconds:
+of medians in microseconds (each round in a new random order):
 
 - ``f32 mm``: float32 weights through ``F.linear`` (MKL's sgemm/sgemv): exact
   for dequantized weights, 4 bytes a weight;
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import random
 import statistics
 import sys
 import time
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from bench.environment import header, write_json
 from model.kernels import KernelBuildError, cpu_flags, load_build, runnable_isas
 from model.kernels import load as load_kernels
-from model.quant import QuantLinear, quantize, unpack_q4
+from model.quant import QuantizedWeight, QuantLinear, quantize, unpack_q4
 
 # (out, in) of the default model's layers: qkv, fc (gate+up), down, and the output layer.
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
@@ -113,17 +114,25 @@ def _candidates(
             continue
         y = torch.empty(rows, n)
         for name, layer in (("q4", q4), ("q8", q8)):
+            # a copy of the blocks per build: sharing them, a build would find in cache
+            # the weights the one before it just read, and look faster than it is
             out[f"ours {name} {isa}"] = functools.partial(
-                kernels.matmul, x, layer.weight_q, y, False
+                kernels.matmul, x, _copy(layer.weight_q), y, False
             )
     if with_compile:
         out["compile q4"] = _compiled_q4(x, q4)
     return out
 
 
+def _copy(w: QuantizedWeight) -> QuantizedWeight:
+    m = None if w.m is None else w.m.clone()
+    return QuantizedWeight(w.kind, w.qs.clone(), w.d.clone(), m)
+
+
 def measure(reps: int, with_compile: bool = False) -> list[dict[str, Any]]:
     rows_out = []
     torch.manual_seed(0)
+    rng = random.Random(0)
     with torch.inference_mode():
         for n, k in SHAPES:
             w = torch.randn(n, k) * 0.05
@@ -135,8 +144,13 @@ def measure(reps: int, with_compile: bool = False) -> list[dict[str, Any]]:
                 times: dict[str, list[float]] = {name: [] for name in runnable}
                 for fn in runnable.values():
                     fn()  # warm-up
+                order = list(runnable.items())
                 for _ in range(reps):
-                    for name, fn in runnable.items():
+                    # a new order each round: a candidate run right after a long one
+                    # (PyTorch's float32-activation int kernels) pays for waking the
+                    # threads and refilling caches, and must not always be the same one
+                    rng.shuffle(order)
+                    for name, fn in order:
                         t = time.perf_counter()
                         fn()
                         times[name].append(time.perf_counter() - t)

@@ -13,6 +13,10 @@
  *
  * Rows of W are split between threads (OpenMP); up to MT rows of x share each
  * decoded weight block, so a batch of decodes reads the weights once.
+ *
+ * Builds (model/kernels/__init__.py): generic C; AVX2 + FMA (8 lanes); and AVX-512
+ * F/BW/VL, which is the AVX2 code with the row kernels, the tile dequantizer and
+ * (for small batches) the micro-kernels 16 lanes wide (QMM_AVX512 below).
  */
 #include <math.h>
 #include <stddef.h>

@@ -6,7 +6,8 @@
  * Q8_0 activations are; a block's products are then integer dot products (u8 x s8
  * pairs summed in int16, then int32: maddubs and madd), scaled once by d * dx. The
  * min term of q4 blocks uses the exact float block sums of x. Register tiles: two
- * weight rows by four rows of x. AVX2 only.
+ * weight rows by four rows of x. Built for AVX2 (maddubs), or for AVX-512 with VNNI
+ * (the float kernels then the server's avx512 build, the dot products vpdpbusd).
  */
 #include "../model/kernels/qmatmul.c"
 
@@ -31,8 +32,14 @@ static inline __m256i q8_bytes(const int8_t *q) {
     return _mm256_loadu_si256((const __m256i *)q);
 }
 static inline __m256 dot_u8s8(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    /* VNNI: the four u8 x s8 products of each 32-bit lane summed in one instruction,
+     * without maddubs' int16 saturation */
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x));
+#else
     const __m256i p = _mm256_maddubs_epi16(w, x);
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+#endif
 }
 
 #define I8_ROWS 4

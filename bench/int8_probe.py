@@ -1,8 +1,9 @@
 """Would int8 activations pay on this CPU? A probe of the opt-in mode, not a server path.
 
-``python -m bench.int8_probe [--reps N] [--rows 1,4,16,64]`` compiles
+``python -m bench.int8_probe [--reps N] [--rows 1,4,16,64] [--isa avx2|avx512]`` compiles
 ``bench/int8_probe.c`` (which includes the server's ``model/kernels/qmatmul.c``) with
-the AVX2 flags the server uses, then times, interleaved, one layer of each of the
+the flags the server uses for that build (``avx512`` adds AVX-512 VNNI, whose
+``vpdpbusd`` replaces AVX2's ``maddubs``/``madd`` pair), then times, interleaved, one layer of each of the
 default model's shapes: the server's float32-activation kernel (``qmm_q4`` /
 ``qmm_q8``, whichever path it takes at that many rows) against the same product with
 x quantized to int8 blocks first (llama.cpp's scheme: u8 x s8 integer dot products,
@@ -33,12 +34,22 @@ SOURCE = Path(__file__).with_name("int8_probe.c")
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]
 
 
-def build(out_dir: Path) -> ctypes.CDLL:
+# what each build of the probe adds to the server's flags for that ISA
+VNNI_FLAGS = {"avx2": (), "avx512": ("-mavx512vnni",)}
+CPU_NEEDS = {
+    "avx2": {"avx2", "fma", "f16c"},
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"},
+}
+
+
+def build(out_dir: Path, isa: str = "avx2") -> ctypes.CDLL:
+    """``avx2``: maddubs dot products beside the avx2 float kernels; ``avx512``: VNNI's
+    vpdpbusd beside the avx512 float kernels (needs AVX-512 VNNI)."""
     cc = mk.compiler()
     if cc is None:
         raise RuntimeError("no C compiler")
-    so = out_dir / "int8_probe.so"
-    flags = [*mk._COMMON_FLAGS, *mk._ISA_FLAGS["avx2"]]
+    so = out_dir / f"int8_probe_{isa}.so"
+    flags = [*mk._COMMON_FLAGS, *mk._ISA_FLAGS[isa], *VNNI_FLAGS[isa]]
     subprocess.run([cc, *flags, str(SOURCE), "-o", str(so)], check=True)
     torch.ones(1).sum()  # torch's OpenMP runtime first, as model.kernels.load does
     lib = ctypes.CDLL(str(so))
@@ -117,12 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--rows", default="1,4,16,64")
+    p.add_argument("--isa", choices=sorted(VNNI_FLAGS), default="avx2")
     args = p.parse_args(argv)
-    if not {"avx2", "fma", "f16c"} <= cpu_flags():
-        sys.stderr.write("the probe needs AVX2, FMA and F16C\n")
+    if not CPU_NEEDS["avx2"] | CPU_NEEDS[args.isa] <= cpu_flags():
+        need = ", ".join(sorted(CPU_NEEDS["avx2"] | CPU_NEEDS[args.isa]))
+        sys.stderr.write(f"the {args.isa} probe needs {need}\n")
         return 1
     with tempfile.TemporaryDirectory() as tmp:
-        lib = build(Path(tmp))
+        lib = build(Path(tmp), args.isa)
         results = measure(lib, [int(r) for r in args.rows.split(",")], args.reps)
     env = header(["python", "-m", "bench.int8_probe", *sys.argv[1:]])
     m = env["machine"]

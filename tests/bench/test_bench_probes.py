@@ -18,10 +18,17 @@ needs_avx2 = pytest.mark.skipif(
 )
 
 
+# the probe's builds this CPU runs: AVX2 (maddubs), and AVX-512 VNNI (vpdpbusd) where it has it
+PROBE_ISAS = [i for i, need in int8_probe.CPU_NEEDS.items() if need <= cpu_flags()] or ["avx2"]
+
+
 @needs_avx2
+@pytest.mark.parametrize("isa", PROBE_ISAS)
 @pytest.mark.parametrize("kind", ["q4", "q8"])
-def test_int8_probe_computes_the_product_within_int8_error(tmp_path: Path, kind: str) -> None:
-    lib = int8_probe.build(tmp_path)
+def test_int8_probe_computes_the_product_within_int8_error(
+    tmp_path: Path, kind: str, isa: str
+) -> None:
+    lib = int8_probe.build(tmp_path, isa)
     torch.manual_seed(1)
     w = quantize(torch.randn(70, 96) * 0.05, kind)
     x = torch.randn(6, 96)

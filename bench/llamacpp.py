@@ -88,20 +88,13 @@ NO_AMX = " ".join(
 )
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
 def build_env(cpu: set[str] | None = None) -> dict[str, str]:
     """The environment of the wheel build: CMAKE_ARGS without AMX where the CPU has it
     (an x86 compiler accepts the flags; elsewhere nothing is added)."""
+    from model.kernels import cpu_flags  # here: the child that runs llama.cpp imports no torch
+
     env = dict(os.environ)
-    flags = _cpu_flags() if cpu is None else cpu
+    flags = cpu_flags() if cpu is None else cpu
     if "CMAKE_ARGS" not in env and any(f.startswith("amx") for f in flags):
         env["CMAKE_ARGS"] = NO_AMX
     return env

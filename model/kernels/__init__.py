@@ -315,8 +315,7 @@ def cpu_flags() -> set[str]:
 
 
 def best_isa(flags: set[str] | None = None) -> str:
-    flags = cpu_flags() if flags is None else flags
-    return next(isa for isa, needed in _CPU_FLAGS_NEEDED.items() if needed <= flags)
+    return runnable_isas(flags)[0]
 
 
 def runnable_isas(flags: set[str] | None = None) -> list[str]:

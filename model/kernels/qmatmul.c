@@ -472,33 +472,48 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
 }
 #endif /* QMM_AVX512 */
 
-#if QMM_AVX512
-/* As MICRO below, 16 lanes wide (K is a multiple of 32). Twice the bytes a cycle
- * from the cache: faster while x stays in L1, slower once it comes from L2 (at 64
- * rows of the default model's layers: 0.9x of the 8-lane kernel; see
- * micro_tables). */
-#define MICRO16(MT_, NT_)                                                                 \
-    static void micro16_##MT_##_##NT_(const float *x, const float *w, int64_t K, float *y, \
-                                    int64_t ldy, int accumulate) {                      \
-        __m512 acc[MT_][NT_];                                                           \
+/* y[i, j] (+)= x[i] . w[j] for MT_ rows of x (K apart) and NT_ rows of w (K apart),
+ * in vectors of type VEC with LANES floats (K is a multiple of 32, so of the lanes);
+ * ZERO, LOAD, FMA and HSUM are its operations. */
+#define MICRO_KERNEL(NAME, MT_, NT_, VEC, LANES, ZERO, LOAD, FMA, HSUM)                 \
+    static void NAME(const float *x, const float *w, int64_t K, float *y, int64_t ldy,  \
+                     int accumulate) {                                                  \
+        VEC acc[MT_][NT_];                                                              \
         for (int i = 0; i < MT_; i++)                                                   \
-            for (int j = 0; j < NT_; j++) acc[i][j] = _mm512_setzero_ps();              \
-        for (int64_t k = 0; k < K; k += 16) {                                           \
-            __m512 wv[NT_];                                                             \
-            for (int j = 0; j < NT_; j++) wv[j] = _mm512_loadu_ps(w + j * K + k);       \
+            for (int j = 0; j < NT_; j++) acc[i][j] = ZERO();                           \
+        for (int64_t k = 0; k < K; k += LANES) {                                        \
+            VEC wv[NT_];                                                                \
+            for (int j = 0; j < NT_; j++) wv[j] = LOAD(w + j * K + k);                  \
             for (int i = 0; i < MT_; i++) {                                             \
-                const __m512 xv = _mm512_loadu_ps(x + i * K + k);                       \
-                for (int j = 0; j < NT_; j++)                                           \
-                    acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);                  \
+                const VEC xv = LOAD(x + i * K + k);                                     \
+                for (int j = 0; j < NT_; j++) acc[i][j] = FMA(xv, wv[j], acc[i][j]);    \
             }                                                                           \
         }                                                                               \
         for (int i = 0; i < MT_; i++)                                                   \
             for (int j = 0; j < NT_; j++) {                                             \
-                const float s = _mm512_reduce_add_ps(acc[i][j]);                        \
+                const float s = HSUM(acc[i][j]);                                        \
                 if (accumulate) y[i * ldy + j] += s;                                    \
                 else y[i * ldy + j] = s;                                                \
             }                                                                           \
     }
+#define MICRO(MT_, NT_)                                                                 \
+    MICRO_KERNEL(micro_##MT_##_##NT_, MT_, NT_, __m256, 8, _mm256_setzero_ps,           \
+                 _mm256_loadu_ps, _mm256_fmadd_ps, hsum)
+MICRO(4, 3)
+MICRO(3, 3)
+MICRO(2, 3)
+MICRO(1, 3)
+MICRO(4, 1)
+MICRO(3, 1)
+MICRO(2, 1)
+MICRO(1, 1)
+#if QMM_AVX512
+/* 16 lanes: twice the bytes a cycle from the cache, faster while x stays in L1, slower
+ * once it comes from L2 (at 64 rows of the default model's layers: 0.9x of the 8-lane
+ * kernel; see micro_tables). */
+#define MICRO16(MT_, NT_)                                                               \
+    MICRO_KERNEL(micro16_##MT_##_##NT_, MT_, NT_, __m512, 16, _mm512_setzero_ps,        \
+                 _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps)
 MICRO16(4, 3)
 MICRO16(3, 3)
 MICRO16(2, 3)
@@ -508,38 +523,6 @@ MICRO16(3, 1)
 MICRO16(2, 1)
 MICRO16(1, 1)
 #endif /* QMM_AVX512 */
-
-/* y[i, j] (+)= x[i] . w[j] for MT_ rows of x (K apart) and NT_ rows of w (K apart). */
-#define MICRO(MT_, NT_)                                                                 \
-    static void micro_##MT_##_##NT_(const float *x, const float *w, int64_t K, float *y, \
-                                    int64_t ldy, int accumulate) {                      \
-        __m256 acc[MT_][NT_];                                                           \
-        for (int i = 0; i < MT_; i++)                                                   \
-            for (int j = 0; j < NT_; j++) acc[i][j] = _mm256_setzero_ps();              \
-        for (int64_t k = 0; k < K; k += 8) {                                            \
-            __m256 wv[NT_];                                                             \
-            for (int j = 0; j < NT_; j++) wv[j] = _mm256_loadu_ps(w + j * K + k);       \
-            for (int i = 0; i < MT_; i++) {                                             \
-                const __m256 xv = _mm256_loadu_ps(x + i * K + k);                       \
-                for (int j = 0; j < NT_; j++)                                           \
-                    acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);                  \
-            }                                                                           \
-        }                                                                               \
-        for (int i = 0; i < MT_; i++)                                                   \
-            for (int j = 0; j < NT_; j++) {                                             \
-                const float s = hsum(acc[i][j]);                                        \
-                if (accumulate) y[i * ldy + j] += s;                                    \
-                else y[i * ldy + j] = s;                                                \
-            }                                                                           \
-    }
-MICRO(4, 3)
-MICRO(3, 3)
-MICRO(2, 3)
-MICRO(1, 3)
-MICRO(4, 1)
-MICRO(3, 1)
-MICRO(2, 1)
-MICRO(1, 1)
 
 typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t, int);
 static const micro_fn MICRO3[5] = {NULL, micro_1_3, micro_2_3, micro_3_3, micro_4_3};

@@ -21,6 +21,9 @@ of medians in microseconds (each round in a new random order):
   fused kernel the issue suggested it might generate.
 
 Candidates PyTorch cannot run here are reported as such, not skipped silently.
+
+``python -m bench.kernels --steps ROUNDS`` times instead the default model's whole decode
+step (batch 1 and 16, context 192) with each vector build, interleaved in one process.
 """
 
 from __future__ import annotations
@@ -189,12 +192,55 @@ def isa() -> str:
     )
 
 
+def step_per_build(rounds: int, batches: tuple[int, ...] = (1, 16)) -> dict[str, dict[int, float]]:
+    """The default model's whole decode step (context 192) with each vector build this
+    CPU runs, interleaved in one process: median milliseconds per step."""
+    import os
+
+    from bench.offline import decode_step_tps
+    from model import kernels as kmod
+    from model.loading import load_model
+
+    model = load_model("smollm2-135m-instruct", dtype=torch.float32, device="cpu").model
+    builds = [i for i in runnable_isas() if i != "generic"]
+    times: dict[str, dict[int, list[float]]] = {i: {b: [] for b in batches} for i in builds}
+    wanted = os.environ.get("GPTSERVE_KERNELS")
+    try:
+        with torch.inference_mode():
+            for _ in range(rounds):
+                for build in builds:
+                    os.environ["GPTSERVE_KERNELS"] = build  # what load() then returns
+                    kmod.load.cache_clear()
+                    for b in batches:
+                        ms = 1000 * b / decode_step_tps(model, b, 192, iters=10)
+                        times[build][b].append(ms)
+    finally:
+        if wanted is None:
+            os.environ.pop("GPTSERVE_KERNELS", None)
+        else:
+            os.environ["GPTSERVE_KERNELS"] = wanted
+        kmod.load.cache_clear()
+    return {i: {b: statistics.median(v) for b, v in t.items()} for i, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--compile", action="store_true", help="add torch.compile's q4 (slow)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="instead: the default model's decode step with each build, ROUNDS interleaved",
+    )
     args = p.parse_args(argv)
+    if args.steps:
+        for build, per_batch in step_per_build(args.steps).items():
+            cells = ", ".join(f"batch {b}: {ms:.2f} ms" for b, ms in per_batch.items())
+            print(f"{isa()}, kernel build {build}: {cells} (median of {args.steps})")
+        return 0
     results = measure(args.reps, args.compile)
     kernels = load_kernels()
     info = {

@@ -16,7 +16,7 @@
  *
  * Builds (model/kernels/__init__.py): generic C; AVX2 + FMA (8 lanes); and AVX-512
  * F/BW/VL, which is the AVX2 code with the row kernels, the tile dequantizer and
- * (for small batches) the micro-kernels 16 lanes wide (QMM_AVX512 below).
+ * the micro-kernels 16 lanes wide (QMM_AVX512 below).
  */
 #include <math.h>
 #include <stddef.h>
@@ -474,8 +474,12 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
 
 /* y[i, j] (+)= x[i] . w[j] for MT_ rows of x (K apart) and NT_ rows of w (K apart),
  * in vectors of type VEC with LANES floats (K is a multiple of 32, so of the lanes);
- * ZERO, LOAD, FMA and HSUM are its operations. */
-#define MICRO_KERNEL(NAME, MT_, NT_, VEC, LANES, ZERO, LOAD, FMA, HSUM)                 \
+ * ZERO, LOAD, FMA and HSUM are its operations, PIN the asm constraint of a VEC register.
+ * Each vector of x is loaded once into a register: left to itself the compiler folded
+ * the load into every FMA that uses it (MT_ * NT_ loads per step instead of
+ * MT_ + NT_), and the loads, not the FMAs, bounded the kernel (16 rows of the default
+ * model's layers on a Xeon with AVX-512: 1.8x with the pin). */
+#define MICRO_KERNEL(NAME, MT_, NT_, VEC, LANES, ZERO, LOAD, FMA, HSUM, PIN)            \
     static void NAME(const float *x, const float *w, int64_t K, float *y, int64_t ldy,  \
                      int accumulate) {                                                  \
         VEC acc[MT_][NT_];                                                              \
@@ -485,7 +489,8 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
             VEC wv[NT_];                                                                \
             for (int j = 0; j < NT_; j++) wv[j] = LOAD(w + j * K + k);                  \
             for (int i = 0; i < MT_; i++) {                                             \
-                const VEC xv = LOAD(x + i * K + k);                                     \
+                VEC xv = LOAD(x + i * K + k);                                           \
+                __asm__("" : PIN(xv));                                                  \
                 for (int j = 0; j < NT_; j++) acc[i][j] = FMA(xv, wv[j], acc[i][j]);    \
             }                                                                           \
         }                                                                               \
@@ -496,9 +501,10 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
                 else y[i * ldy + j] = s;                                                \
             }                                                                           \
     }
+#define PIN_YMM(v) "+x"(v)
 #define MICRO(MT_, NT_)                                                                 \
     MICRO_KERNEL(micro_##MT_##_##NT_, MT_, NT_, __m256, 8, _mm256_setzero_ps,           \
-                 _mm256_loadu_ps, _mm256_fmadd_ps, hsum)
+                 _mm256_loadu_ps, _mm256_fmadd_ps, hsum, PIN_YMM)
 MICRO(4, 3)
 MICRO(3, 3)
 MICRO(2, 3)
@@ -507,13 +513,18 @@ MICRO(4, 1)
 MICRO(3, 1)
 MICRO(2, 1)
 MICRO(1, 1)
+typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t, int);
 #if QMM_AVX512
-/* 16 lanes: twice the bytes a cycle from the cache, faster while x stays in L1, slower
- * once it comes from L2 (at 64 rows of the default model's layers: 0.9x of the 8-lane
- * kernel; see micro_tables). */
+/* 16 lanes and 32 registers: register tiles of 4 rows of x by 6 rows of w (24
+ * accumulators), then 3 and 1 for the last rows of a tile. */
+#define PIN_ZMM(v) "+v"(v)
 #define MICRO16(MT_, NT_)                                                               \
     MICRO_KERNEL(micro16_##MT_##_##NT_, MT_, NT_, __m512, 16, _mm512_setzero_ps,        \
-                 _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps)
+                 _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, PIN_ZMM)
+MICRO16(4, 6)
+MICRO16(3, 6)
+MICRO16(2, 6)
+MICRO16(1, 6)
 MICRO16(4, 3)
 MICRO16(3, 3)
 MICRO16(2, 3)
@@ -522,33 +533,33 @@ MICRO16(4, 1)
 MICRO16(3, 1)
 MICRO16(2, 1)
 MICRO16(1, 1)
-#endif /* QMM_AVX512 */
-
-typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t, int);
-static const micro_fn MICRO3[5] = {NULL, micro_1_3, micro_2_3, micro_3_3, micro_4_3};
-static const micro_fn MICRO1[5] = {NULL, micro_1_1, micro_2_1, micro_3_1, micro_4_1};
-#if QMM_AVX512
-static const micro_fn MICRO3_16[5] = {NULL, micro16_1_3, micro16_2_3, micro16_3_3, micro16_4_3};
-static const micro_fn MICRO1_16[5] = {NULL, micro16_1_1, micro16_2_1, micro16_3_1, micro16_4_1};
-/* Bytes of x up to which the 16-lane micro-kernels run (x then stays in a 48 KiB L1;
- * measured on a Xeon with AVX-512 at the default model's shapes: 4 to 16 rows of
- * K = 576 1.1-1.2x faster, 16 rows of K = 1536 and 64 of K = 576 ~0.9x). */
-#define MICRO16_MAX_X_BYTES (40 * 1024)
-#endif
-
-/* The micro-kernels for an M x K x: (3 columns, 1 column). */
-static inline void micro_tables(int64_t M, int64_t K, const micro_fn **m3, const micro_fn **m1) {
-    *m3 = MICRO3;
-    *m1 = MICRO1;
-#if QMM_AVX512
-    if (M * K * (int64_t)sizeof(float) <= MICRO16_MAX_X_BYTES) {
-        *m3 = MICRO3_16;
-        *m1 = MICRO1_16;
-    }
+/* by columns of w (6, 3, 1), then rows of x (1..4) */
+static const micro_fn MICRO_W6[5] = {NULL, micro16_1_6, micro16_2_6, micro16_3_6, micro16_4_6};
+static const micro_fn MICRO_W3[5] = {NULL, micro16_1_3, micro16_2_3, micro16_3_3, micro16_4_3};
+static const micro_fn MICRO_W1[5] = {NULL, micro16_1_1, micro16_2_1, micro16_3_1, micro16_4_1};
+#define WIDE_W 6
 #else
-    (void)M;
-    (void)K;
+static const micro_fn MICRO_W6[5] = {NULL, NULL, NULL, NULL, NULL};
+static const micro_fn MICRO_W3[5] = {NULL, micro_1_3, micro_2_3, micro_3_3, micro_4_3};
+static const micro_fn MICRO_W1[5] = {NULL, micro_1_1, micro_2_1, micro_3_1, micro_4_1};
+#define WIDE_W 0
 #endif
+
+/* One tile: y[i0.., n0 + j] for its nr dequantized rows of w, all M rows of x. The
+ * rows of x go four at a time in the outer loop, so those four (at most 24 KiB at the
+ * default model's widths) stay in L1 while the tile's rows stream past from L2. */
+static void tile_product(const float *x, int64_t M, int64_t K, const float *wt, int64_t nr,
+                         float *y, int64_t N, int64_t n0, int accumulate) {
+    for (int64_t i0 = 0; i0 < M; i0 += 4) {
+        const int64_t mt = M - i0 < 4 ? M - i0 : 4;
+        const float *xi = x + i0 * K;
+        float *yi = y + i0 * N + n0;
+        int64_t j = 0;
+        if (WIDE_W)
+            for (; j + 6 <= nr; j += 6) MICRO_W6[mt](xi, wt + j * K, K, yi + j, N, accumulate);
+        for (; j + 3 <= nr; j += 3) MICRO_W3[mt](xi, wt + j * K, K, yi + j, N, accumulate);
+        for (; j < nr; j++) MICRO_W1[mt](xi, wt + j * K, K, yi + j, N, accumulate);
+    }
 }
 
 /* Returns 0, or -1 when a thread's tile buffer cannot be allocated. */
@@ -559,8 +570,6 @@ static inline void micro_tables(int64_t M, int64_t K, const micro_fn **m3, const
         int64_t tr = TILE_BYTES / (K * (int64_t)sizeof(float));                         \
         tr = tr < 3 ? 3 : tr - tr % 3;                                                  \
         const int64_t ntiles = (N + tr - 1) / tr;                                       \
-        const micro_fn *micro3, *micro1;                                                \
-        micro_tables(M, K, &micro3, &micro1);                                           \
         int failed = 0;                                                                 \
         /* tiles handed out one at a time: a static split leaves a core waiting for a  \
          * whole tile at the end of most layers (and for more when the other core is   \
@@ -577,19 +586,7 @@ static inline void micro_tables(int64_t M, int64_t K, const micro_fn **m3, const
             for (int64_t r = 0; r < nr; r++)                                            \
                 DEQUANT(q + (n0 + r) * nb * (BYTES), row_scales(d, f16, n0 + r, nb, dbuf), \
                         row_scales(m, f16, n0 + r, nb, mbuf), 1, nb, wt + r * K);       \
-            for (int64_t j0 = 0; j0 < nr; j0 += 3) {                                    \
-                const int64_t nt = nr - j0 < 3 ? nr - j0 : 3;                           \
-                for (int64_t i0 = 0; i0 < M; i0 += 4) {                                 \
-                    const int64_t mt = M - i0 < 4 ? M - i0 : 4;                         \
-                    float *yt = y + i0 * N + n0 + j0;                                   \
-                    if (nt == 3)                                                        \
-                        micro3[mt](x + i0 * K, wt + j0 * K, K, yt, N, accumulate);      \
-                    else                                                                \
-                        for (int64_t j = 0; j < nt; j++)                                \
-                            micro1[mt](x + i0 * K, wt + (j0 + j) * K, K, yt + j, N,     \
-                                       accumulate);                                     \
-                }                                                                       \
-            }                                                                           \
+            tile_product(x, M, K, wt, nr, y, N, n0, accumulate);                        \
         }                                                                               \
         return failed ? -1 : 0;                                                         \
     }

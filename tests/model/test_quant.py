@@ -93,13 +93,14 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, 
     ],
 )
 @pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (130, 576)])
-@pytest.mark.parametrize("rows", [1, 4, 7, 64])
+@pytest.mark.parametrize("rows", [1, 4, 6, 7, 64])
 @pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
 def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k, rows, tiled):
     """Both batch paths of each build: the row kernels, and (AVX2, AVX-512) the tiled
-    one that dequantizes a tile of weight rows and multiplies 4 x 3 register tiles (in
-    the AVX-512 build 16 lanes wide while x is small, 8 at 64 rows of K = 576); the
-    shapes leave remainders in rows of x, rows of W and vector lanes."""
+    one that dequantizes a tile of weight rows and multiplies register tiles of 4 rows
+    of x by 3 rows of W (AVX2, 8 lanes) or by 6, 3 and 1 (AVX-512, 16 lanes); the
+    shapes leave every remainder of rows of x (1, 2 and 3 past a multiple of 4), rows of
+    W (past 6 and 3) and vector lanes."""
     previous = kernels.lib.qmm_set_tiled_min_rows(1 if tiled else 0)
     try:
         w = random_weight(kind, n, k, with_min, f16=f16)

@@ -501,18 +501,6 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
                 else y[i * ldy + j] = s;                                                \
             }                                                                           \
     }
-#define PIN_YMM(v) "+x"(v)
-#define MICRO(MT_, NT_)                                                                 \
-    MICRO_KERNEL(micro_##MT_##_##NT_, MT_, NT_, __m256, 8, _mm256_setzero_ps,           \
-                 _mm256_loadu_ps, _mm256_fmadd_ps, hsum, PIN_YMM)
-MICRO(4, 3)
-MICRO(3, 3)
-MICRO(2, 3)
-MICRO(1, 3)
-MICRO(4, 1)
-MICRO(3, 1)
-MICRO(2, 1)
-MICRO(1, 1)
 typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t, int);
 #if QMM_AVX512
 /* 16 lanes and 32 registers: register tiles of 4 rows of x by 6 rows of w (24
@@ -539,6 +527,18 @@ static const micro_fn MICRO_W3[5] = {NULL, micro16_1_3, micro16_2_3, micro16_3_3
 static const micro_fn MICRO_W1[5] = {NULL, micro16_1_1, micro16_2_1, micro16_3_1, micro16_4_1};
 #define WIDE_W 6
 #else
+#define PIN_YMM(v) "+x"(v)
+#define MICRO(MT_, NT_)                                                                 \
+    MICRO_KERNEL(micro_##MT_##_##NT_, MT_, NT_, __m256, 8, _mm256_setzero_ps,           \
+                 _mm256_loadu_ps, _mm256_fmadd_ps, hsum, PIN_YMM)
+MICRO(4, 3)
+MICRO(3, 3)
+MICRO(2, 3)
+MICRO(1, 3)
+MICRO(4, 1)
+MICRO(3, 1)
+MICRO(2, 1)
+MICRO(1, 1)
 static const micro_fn MICRO_W6[5] = {NULL, NULL, NULL, NULL, NULL};
 static const micro_fn MICRO_W3[5] = {NULL, micro_1_3, micro_2_3, micro_3_3, micro_4_3};
 static const micro_fn MICRO_W1[5] = {NULL, micro_1_1, micro_2_1, micro_3_1, micro_4_1};

@@ -384,8 +384,8 @@ def _bind(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = [p, i, i, p, p, p, i, p, c_int, c_int]
         fn.restype = ctypes.c_int
-    lib.qmm_set_tiled_min_rows.argtypes = [i]
-    lib.qmm_set_tiled_min_rows.restype = i
+    lib.qmm_force_path.argtypes = [c_int]
+    lib.qmm_force_path.restype = c_int
     for name in ("qmm_dequant_q4", "qmm_dequant_q8"):
         fn = getattr(lib, name)
         fn.argtypes = [p, p, p, i, i, p, c_int]

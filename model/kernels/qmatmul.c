@@ -594,6 +594,116 @@ TILED(tiled_q4, uint8_t, dequant_rows_q4, QK / 2)
 TILED(tiled_q8, int8_t, dequant_rows_q8, QK)
 #endif
 
+#if QMM_AVX512
+/* ---------------------------------------------------------------------------------
+ * Small batches (2 to REGS_MAX_ROWS rows of x) on AVX-512: four weight rows at a time
+ * are decoded block by block into registers and scaled there, exactly as the
+ * dequantizers compute a weight (d * q, then + m), and each block serves every row of
+ * x from the L1 cache. Between the row kernels (which decode a block once per four
+ * rows of x and add the min term apart) and the tiled path (which pays a pass that
+ * writes the whole weight out as floats), this measured 1.2-1.5x the better of the two
+ * at 3 to 8 rows of the default model's layers on a 2-core Xeon (bench/notes.md).
+ */
+#define REGS_MAX_ROWS 8
+#define REGS_W 4 /* weight rows per pass */
+
+/* MT_ rows of x (K apart) by NR_ weight rows (qstride apart): y[i, r] (+)= x_i . w_r. */
+#define REG_KERNEL(NAME, QTYPE, DECODE, BYTES, MT_, NR_)                                \
+    static void NAME(const float *x, int64_t K, const QTYPE *q, int64_t qstride,        \
+                     const float *const *dr, const float *const *mr, float *y,          \
+                     int64_t ldy, int accumulate) {                                     \
+        const int64_t nb = K / QK;                                                      \
+        __m512 acc[MT_][NR_];                                                           \
+        for (int i = 0; i < MT_; i++)                                                   \
+            for (int r = 0; r < NR_; r++) acc[i][r] = _mm512_setzero_ps();              \
+        for (int64_t b = 0; b < nb; b++) {                                              \
+            __m512 w[NR_][2];                                                           \
+            for (int r = 0; r < NR_; r++) {                                             \
+                const QTYPE *qb = q + r * qstride + b * (BYTES);                        \
+                DECODE(qb, w[r]);                                                       \
+                PREFETCH(qb);                                                           \
+                const __m512 dv = _mm512_set1_ps(dr[r][b]);                             \
+                w[r][0] = _mm512_mul_ps(w[r][0], dv);                                   \
+                w[r][1] = _mm512_mul_ps(w[r][1], dv);                                   \
+                if (mr[r]) {                                                            \
+                    const __m512 mv = _mm512_set1_ps(mr[r][b]);                         \
+                    w[r][0] = _mm512_add_ps(w[r][0], mv);                               \
+                    w[r][1] = _mm512_add_ps(w[r][1], mv);                               \
+                }                                                                       \
+            }                                                                           \
+            for (int i = 0; i < MT_; i++) {                                             \
+                __m512 x0 = _mm512_loadu_ps(x + i * K + b * QK);                        \
+                __m512 x1 = _mm512_loadu_ps(x + i * K + b * QK + 16);                   \
+                __asm__("" : "+v"(x0), "+v"(x1)); /* one load each, as MICRO_KERNEL */  \
+                for (int r = 0; r < NR_; r++) {                                         \
+                    acc[i][r] = _mm512_fmadd_ps(w[r][0], x0, acc[i][r]);                \
+                    acc[i][r] = _mm512_fmadd_ps(w[r][1], x1, acc[i][r]);                \
+                }                                                                       \
+            }                                                                           \
+        }                                                                               \
+        for (int i = 0; i < MT_; i++)                                                   \
+            for (int r = 0; r < NR_; r++) {                                             \
+                const float s = _mm512_reduce_add_ps(acc[i][r]);                        \
+                if (accumulate) y[i * ldy + r] += s;                                    \
+                else y[i * ldy + r] = s;                                                \
+            }                                                                           \
+    }
+#define REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, MT_)                                  \
+    REG_KERNEL(PREFIX##_##MT_##_4, QTYPE, DECODE, BYTES, MT_, 4)                        \
+    REG_KERNEL(PREFIX##_##MT_##_1, QTYPE, DECODE, BYTES, MT_, 1)
+#define REG_TABLES(PREFIX, QTYPE, DECODE, BYTES)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 1)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 2)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 3)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 4)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 5)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 6)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 7)                                        \
+    REG_KERNELS(PREFIX, QTYPE, DECODE, BYTES, 8)                                        \
+    typedef void (*PREFIX##_fn)(const float *, int64_t, const QTYPE *, int64_t,         \
+                                const float *const *, const float *const *, float *,    \
+                                int64_t, int);                                          \
+    static const PREFIX##_fn PREFIX##_w4[REGS_MAX_ROWS + 1] = {                         \
+        NULL, PREFIX##_1_4, PREFIX##_2_4, PREFIX##_3_4, PREFIX##_4_4,                   \
+        PREFIX##_5_4, PREFIX##_6_4, PREFIX##_7_4, PREFIX##_8_4};                        \
+    static const PREFIX##_fn PREFIX##_w1[REGS_MAX_ROWS + 1] = {                         \
+        NULL, PREFIX##_1_1, PREFIX##_2_1, PREFIX##_3_1, PREFIX##_4_1,                   \
+        PREFIX##_5_1, PREFIX##_6_1, PREFIX##_7_1, PREFIX##_8_1};
+REG_TABLES(reg_q4, uint8_t, decode_q4_16, QK / 2)
+REG_TABLES(reg_q8, int8_t, decode_q8_16, QK)
+
+/* Any M (in groups of REGS_MAX_ROWS rows of x); the weight rows split between threads. */
+#define REGS(NAME, QTYPE, PREFIX, BYTES)                                                \
+    static int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const void *d, \
+                    const void *m, int f16, int64_t N, float *y, int accumulate) {      \
+        const int64_t nb = K / QK, rowq = nb * (BYTES);                                 \
+        _Pragma("omp parallel for schedule(static)")                                    \
+        for (int64_t p = 0; p < (N + REGS_W - 1) / REGS_W; p++) {                       \
+            const int64_t n = p * REGS_W, nr = N - n < REGS_W ? N - n : REGS_W;         \
+            float dbuf[REGS_W][nb], mbuf[REGS_W][nb];                                   \
+            const float *dr[REGS_W], *mr[REGS_W];                                       \
+            for (int64_t r = 0; r < nr; r++) {                                          \
+                dr[r] = row_scales(d, f16, n + r, nb, dbuf[r]);                         \
+                mr[r] = row_scales(m, f16, n + r, nb, mbuf[r]);                         \
+            }                                                                           \
+            for (int64_t i0 = 0; i0 < M; i0 += REGS_MAX_ROWS) {                         \
+                const int64_t mt = M - i0 < REGS_MAX_ROWS ? M - i0 : REGS_MAX_ROWS;     \
+                const float *xi = x + i0 * K;                                           \
+                float *yi = y + i0 * N + n;                                             \
+                if (nr == REGS_W)                                                       \
+                    PREFIX##_w4[mt](xi, K, q + n * rowq, rowq, dr, mr, yi, N, accumulate); \
+                else                                                                    \
+                    for (int64_t r = 0; r < nr; r++)                                    \
+                        PREFIX##_w1[mt](xi, K, q + (n + r) * rowq, rowq, dr + r, mr + r, \
+                                        yi + r, N, accumulate);                         \
+            }                                                                           \
+        }                                                                               \
+        return 0;                                                                       \
+    }
+REGS(regs_q4, uint8_t, reg_q4, QK / 2)
+REGS(regs_q8, int8_t, reg_q8, QK)
+#endif
+
 static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
     int64_t b = 0;
     float s = 0.f;
@@ -611,12 +721,14 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
 /* accumulate: y += x @ W^T (a residual add for free) instead of y = x @ W^T.
  * d and m: (N, K / 32) float32, or float16 when f16 (m may be NULL).
  * Returns 0, or -1 when scratch memory cannot be allocated. */
-#define GEMM(NAME, QTYPE, ROW, ROW2, BYTES, PAIRS, TILED_CALL)                          \
+#define GEMM(NAME, QTYPE, ROW, ROW2, BYTES, PAIRS, TILED_CALL, REGS_CALL)               \
     int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const void *d,       \
              const void *m, int64_t N, float *y, int accumulate, int f16) {             \
         const int64_t nb = K / QK;                                                      \
-        if (TILED_FN && M >= tiled_min_rows)                                            \
-            return TILED_CALL(x, M, K, q, d, m, f16, N, y, accumulate);                 \
+        const int path = batch_path(M);                                                 \
+        if (path == PATH_REGISTERS)                                                     \
+            return REGS_CALL(x, M, K, q, d, m, f16, N, y, accumulate);                  \
+        if (path == PATH_TILED) return TILED_CALL(x, M, K, q, d, m, f16, N, y, accumulate); \
         float *xs = NULL;                                                               \
         if (m) {                                                                        \
             xs = (float *)malloc(sizeof(float) * (size_t)(M * nb));                     \
@@ -670,24 +782,43 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
         return 0;                                                                       \
     }
 /* Pairs of rows pay for q4 (decoding dominates); q8 at batch 1 is bound by memory. */
-#if QMM_AVX2
-#define TILED_FN 1
-#else
-#define TILED_FN 0
+#if !QMM_AVX2
 #define tiled_q4(...) 0
 #define tiled_q8(...) 0
 #endif
-/* Rows of x from which the tiled path beats the row kernels (measured: bench/kernels.py). */
-static int64_t tiled_min_rows = 4;
-/* For tests and measurements: move the crossover (rows <= 0 turns the tiled path off);
- * returns the previous value. */
-int64_t qmm_set_tiled_min_rows(int64_t rows) {
-    const int64_t previous = tiled_min_rows;
-    tiled_min_rows = rows > 0 ? rows : INT64_MAX;
+#if !QMM_AVX512
+#define regs_q4(...) 0
+#define regs_q8(...) 0
+#endif
+/* The batch paths: the row kernels, the tiled kernel (AVX2 and AVX-512 builds) and the
+ * register kernels (AVX-512 build). */
+enum { PATH_AUTO = -1, PATH_ROWS = 0, PATH_TILED = 1, PATH_REGISTERS = 2 };
+static int forced_path = PATH_AUTO;
+/* The path for M rows of x. Rows of x from which the tiled path beats the row kernels:
+ * 4 (AVX2), past REGS_MAX_ROWS (AVX-512); measured with bench/kernels.py. */
+static inline int batch_path(int64_t M) {
+    int path = forced_path;
+    if (path == PATH_AUTO) {
+#if QMM_AVX512
+        path = M == 1 ? PATH_ROWS : M <= REGS_MAX_ROWS ? PATH_REGISTERS : PATH_TILED;
+#else
+        path = M >= 4 ? PATH_TILED : PATH_ROWS;
+#endif
+    }
+    if (path == PATH_REGISTERS && !QMM_AVX512) path = PATH_ROWS;
+    if (path == PATH_TILED && !QMM_AVX2) path = PATH_ROWS;
+    return path;
+}
+/* For tests and measurements: one path for every batch (PATH_ROWS, PATH_TILED or
+ * PATH_REGISTERS; one the build lacks gives the row kernels), or PATH_AUTO; returns
+ * the previous setting. */
+int qmm_force_path(int path) {
+    const int previous = forced_path;
+    forced_path = path;
     return previous;
 }
-GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1, tiled_q4)
-GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0, tiled_q8)
+GEMM(qmm_q4, uint8_t, row_q4, row2_q4, QK / 2, 1, tiled_q4, regs_q4)
+GEMM(qmm_q8, int8_t, row_q8, row2_q8, QK, 0, tiled_q8, regs_q8)
 
 /* Dequantize row n of a weight to float32 (w: its K values): the AVX2 build with the
  * tiled kernel's vectorised row decoder, the generic build with the scalar loop; both

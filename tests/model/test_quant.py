@@ -34,6 +34,7 @@ def _build(isa: str) -> Kernels:
 
 
 ISAS = kmod.runnable_isas()[::-1]  # generic, then avx2 and avx512 where the CPU has them
+PATHS = {"rows": 0, "tiled": 1, "registers": 2}  # qmm_force_path's values
 
 
 @pytest.fixture(scope="module", params=ISAS)
@@ -92,16 +93,17 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, 
         ("q8", False, True),
     ],
 )
-@pytest.mark.parametrize("n,k", [(37, 96), (5, 32), (130, 576)])
-@pytest.mark.parametrize("rows", [1, 4, 6, 7, 64])
-@pytest.mark.parametrize("tiled", [True, False], ids=["tiled", "rows"])
-def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k, rows, tiled):
-    """Both batch paths of each build: the row kernels, and (AVX2, AVX-512) the tiled
-    one that dequantizes a tile of weight rows and multiplies register tiles of 4 rows
-    of x by 3 rows of W (AVX2, 8 lanes) or by 6, 3 and 1 (AVX-512, 16 lanes); the
-    shapes leave every remainder of rows of x (1, 2 and 3 past a multiple of 4), rows of
-    W (past 6 and 3) and vector lanes."""
-    previous = kernels.lib.qmm_set_tiled_min_rows(1 if tiled else 0)
+@pytest.mark.parametrize("n,k", [(39, 96), (5, 32), (130, 576)])
+@pytest.mark.parametrize("rows", [1, 3, 4, 6, 7, 10, 13, 64])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k, rows, path):
+    """Every batch path of each build, forced at every row count: the row kernels; the
+    tiled one (AVX2, AVX-512) that dequantizes a tile of weight rows and multiplies
+    register tiles of 4 rows of x by 3 rows of W (8 lanes) or by 6, 3 and 1 (16 lanes);
+    the register one (AVX-512) that decodes 4 rows of W into registers for up to 8 rows
+    of x. A path a build lacks runs its row kernels. The shapes leave every remainder of
+    rows of x (past multiples of 4 and of 8), rows of W (past 6, 4 and 3) and lanes."""
+    previous = kernels.lib.qmm_force_path(PATHS[path])
     try:
         w = random_weight(kind, n, k, with_min, f16=f16)
         g = torch.Generator().manual_seed(n * k + rows)
@@ -115,7 +117,7 @@ def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k
         kernels.matmul(x, w, acc, accumulate=True)
         assert_matmul_close(acc, x, w, base=residual)
     finally:
-        kernels.lib.qmm_set_tiled_min_rows(previous)
+        kernels.lib.qmm_force_path(previous)
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])

@@ -596,16 +596,20 @@ TILED(tiled_q8, int8_t, dequant_rows_q8, QK)
 
 #if QMM_AVX512
 /* ---------------------------------------------------------------------------------
- * Small batches (2 to REGS_MAX_ROWS rows of x) on AVX-512: four weight rows at a time
+ * Small batches (2 to REGS_AUTO_MAX rows of x) on AVX-512: four weight rows at a time
  * are decoded block by block into registers and scaled there, exactly as the
  * dequantizers compute a weight (d * q, then + m), and each block serves every row of
  * x from the L1 cache. Between the row kernels (which decode a block once per four
  * rows of x and add the min term apart) and the tiled path (which pays a pass that
- * writes the whole weight out as floats), this measured 1.2-1.5x the better of the two
+ * writes the whole weight out as floats), this measured 1.1-1.7x the better of the two
  * at 3 to 8 rows of the default model's layers on a 2-core Xeon (bench/notes.md).
  */
-#define REGS_MAX_ROWS 8
-#define REGS_W 4 /* weight rows per pass */
+#define REGS_MAX_ROWS 8 /* rows of x per pass */
+#define REGS_W 4        /* weight rows per pass */
+/* Up to this many rows the batch takes this path, in passes of up to 8 rows (measured
+ * against the tiled path for a whole step's layers: 0.83x of its time at 8 rows,
+ * 0.9-0.97x at 9 to 14, even at 16, 1.17x at 24). */
+#define REGS_AUTO_MAX 15
 
 /* MT_ rows of x (K apart) by NR_ weight rows (qstride apart): y[i, r] (+)= x_i . w_r. */
 #define REG_KERNEL(NAME, QTYPE, DECODE, BYTES, MT_, NR_)                                \
@@ -794,13 +798,14 @@ static inline float min_term(const float *mrow, const float *xs, int64_t nb) {
  * register kernels (AVX-512 build). */
 enum { PATH_AUTO = -1, PATH_ROWS = 0, PATH_TILED = 1, PATH_REGISTERS = 2 };
 static int forced_path = PATH_AUTO;
-/* The path for M rows of x. Rows of x from which the tiled path beats the row kernels:
- * 4 (AVX2), past REGS_MAX_ROWS (AVX-512); measured with bench/kernels.py. */
+/* The path for M rows of x. Rows of x from which the tiled path beats the others:
+ * 4 (AVX2, against the row kernels; measured with bench/kernels.py), past
+ * REGS_AUTO_MAX (AVX-512, against the register kernels). */
 static inline int batch_path(int64_t M) {
     int path = forced_path;
     if (path == PATH_AUTO) {
 #if QMM_AVX512
-        path = M == 1 ? PATH_ROWS : M <= REGS_MAX_ROWS ? PATH_REGISTERS : PATH_TILED;
+        path = M == 1 ? PATH_ROWS : M <= REGS_AUTO_MAX ? PATH_REGISTERS : PATH_TILED;
 #else
         path = M >= 4 ? PATH_TILED : PATH_ROWS;
 #endif

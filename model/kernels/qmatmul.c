@@ -908,6 +908,36 @@ static inline __m256 load8_kv(const void *base, int64_t i, int kv_dtype) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 #endif
+#if QMM_AVX512
+/* 16 values of a cache row as float32. */
+static inline __m512 load16_kv(const void *base, int64_t i, int kv_dtype) {
+    if (kv_dtype == 0) return _mm512_loadu_ps((const float *)base + i);
+    const __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)base + i));
+    if (kv_dtype == 1) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* The sums of 8 vectors' lanes, added in the order _mm512_reduce_add_ps adds one
+ * vector's (halves, quarters, then pairs), so that a key's score is the same whether
+ * it went in a step of eight keys or alone. */
+static inline __m256 reduce8(const __m512 a[8]) {
+    __m512 b[4];
+    for (int j = 0; j < 4; j++) /* 256-bit halves: b[j] = [a[2j] half-sums | a[2j+1]'s] */
+        b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+    /* 128-bit quarters: c0 holds a[0..3], c1 a[4..7], four lanes each */
+    const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88),
+                                    _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88),
+                                    _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    /* lanes (0 + 2) and (1 + 3), then their sum: in 128-bit lane L, element 0 is a[L]'s
+     * sum and element 1 a[4 + L]'s */
+    const __m512 d = _mm512_add_ps(_mm512_unpacklo_ps(c0, c1), _mm512_unpackhi_ps(c0, c1));
+    const __m512 e = _mm512_add_ps(d, _mm512_shuffle_ps(d, d, 0xEE));
+    return _mm512_castps512_ps256(_mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 0, 0, 0, 0, 0, 0, 0, 0), e));
+}
+#endif
 
 /* Element offset of key j of a sequence in the cache: its block from the table. Callers
  * walk keys block by block (no division per key). */
@@ -923,8 +953,32 @@ INLINE float block_scores(const float *qh, const void *k, int kv_dtype, int64_t 
                           int64_t row, int64_t hd, int64_t len, float scale, float *s) {
     float mx = -INFINITY;
     int64_t t = 0;
+#if QMM_AVX512
+    if (hd % 16 == 0 && hd <= 256) {
+        __m512 qv[16];
+        for (int64_t e = 0; e < hd; e += 16) qv[e / 16] = _mm512_loadu_ps(qh + e);
+        for (; t + 8 <= len; t += 8) { /* eight keys at once: eight independent sums */
+            __m512 acc[8];
+            for (int u = 0; u < 8; u++) acc[u] = _mm512_setzero_ps();
+            const int64_t kb = base + t * row;
+            for (int64_t e = 0; e < hd; e += 16) {
+                const __m512 qe = qv[e / 16];
+                for (int u = 0; u < 8; u++)
+                    acc[u] = _mm512_fmadd_ps(qe, load16_kv(k, kb + u * row + e, kv_dtype), acc[u]);
+            }
+            _mm256_storeu_ps(s + t, _mm256_mul_ps(reduce8(acc), _mm256_set1_ps(scale)));
+        }
+        for (; t < len; t++) { /* the rest one at a time, each sum reduced as above */
+            __m512 acc = _mm512_setzero_ps();
+            const int64_t kb = base + t * row;
+            for (int64_t e = 0; e < hd; e += 16)
+                acc = _mm512_fmadd_ps(qv[e / 16], load16_kv(k, kb + e, kv_dtype), acc);
+            s[t] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+#endif
 #if QMM_AVX2
-    if (hd % 8 == 0 && hd <= 256) {
+    if (hd % 8 == 0 && hd <= 256 && t < len) {
         __m256 qv[32];
         for (int64_t e = 0; e < hd; e += 8) qv[e / 8] = _mm256_loadu_ps(qh + e);
         for (; t + 8 <= len; t += 8) { /* eight keys at once: eight independent sums */
@@ -981,6 +1035,18 @@ INLINE float block_scores(const float *qh, const void *k, int kv_dtype, int64_t 
 INLINE void block_values(const float *p, const void *v, int kv_dtype, int64_t base,
                          int64_t row, int64_t hd, int64_t len, float *oh) {
     int64_t e0 = 0;
+#if QMM_AVX512
+    for (; e0 + 64 <= hd; e0 += 64) { /* as below, in four 16-lane vectors */
+        __m512 o[4];
+        for (int c = 0; c < 4; c++) o[c] = _mm512_loadu_ps(oh + e0 + 16 * c);
+        for (int64_t t = 0; t < len; t++) {
+            const __m512 pv = _mm512_set1_ps(p[t]);
+            for (int c = 0; c < 4; c++)
+                o[c] = _mm512_fmadd_ps(pv, load16_kv(v, base + t * row + e0 + 16 * c, kv_dtype), o[c]);
+        }
+        for (int c = 0; c < 4; c++) _mm512_storeu_ps(oh + e0 + 16 * c, o[c]);
+    }
+#endif
 #if QMM_AVX2
     for (; e0 + 64 <= hd; e0 += 64) { /* 64 dimensions at a time, held in registers */
         __m256 o[8];

@@ -423,19 +423,30 @@ static float *tile_scratch(size_t n) {
 }
 
 #if QMM_AVX512 && !defined(QMM_DEQ256)
+/* The 32 weights of the block at QB as two 16-float vectors V, exactly as the
+ * dequantizers compute them: D * q, then + *MB where MB (a pointer) is not NULL. */
+#define DEQUANT_BLOCK16(DECODE, QB, D, MB, V)                                           \
+    do {                                                                                \
+        DECODE(QB, V);                                                                  \
+        const __m512 d_ = _mm512_set1_ps(D);                                            \
+        V[0] = _mm512_mul_ps(V[0], d_);                                                 \
+        V[1] = _mm512_mul_ps(V[1], d_);                                                 \
+        if (MB) {                                                                       \
+            const __m512 m_ = _mm512_set1_ps(*(MB));                                    \
+            V[0] = _mm512_add_ps(V[0], m_);                                             \
+            V[1] = _mm512_add_ps(V[1], m_);                                             \
+        }                                                                               \
+    } while (0)
+
 #define DEQUANT_ROWS16(NAME, QTYPE, DECODE, BYTES)                                      \
     static void NAME(const QTYPE *q, const float *d, const float *m, int64_t rows,      \
                      int64_t nb, float *w) {                                            \
         for (int64_t b = 0; b < rows * nb; b++) {                                       \
             __m512 v[2];                                                                \
             PREFETCH(q + b * (BYTES));                                                  \
-            DECODE(q + b * (BYTES), v);                                                 \
-            const __m512 db = _mm512_set1_ps(d[b]);                                     \
-            for (int c = 0; c < 2; c++) {                                               \
-                __m512 r = _mm512_mul_ps(v[c], db);                                     \
-                if (m) r = _mm512_add_ps(r, _mm512_set1_ps(m[b]));                      \
-                _mm512_storeu_ps(w + b * QK + 16 * c, r);                               \
-            }                                                                           \
+            DEQUANT_BLOCK16(DECODE, q + b * (BYTES), d[b], m ? m + b : NULL, v);        \
+            _mm512_storeu_ps(w + b * QK, v[0]);                                         \
+            _mm512_storeu_ps(w + b * QK + 16, v[1]);                                    \
         }                                                                               \
     }
 DEQUANT_ROWS16(dequant_rows_q4, uint8_t, decode_q4_16, QK / 2)
@@ -502,6 +513,12 @@ static void dequant_rows_q8(const int8_t *q, const float *d, const float *m, int
             }                                                                           \
     }
 typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t, int);
+/* The micro-kernels of NT_ weight rows for 1 to 4 rows of x (GEN makes one), and
+ * TABLE of them indexed by rows of x. */
+#define MICRO_COLUMN(TABLE, GEN, PREFIX, NT_)                                           \
+    GEN(1, NT_) GEN(2, NT_) GEN(3, NT_) GEN(4, NT_)                                     \
+    static const micro_fn TABLE[5] = {NULL, PREFIX##_1_##NT_, PREFIX##_2_##NT_,        \
+                                      PREFIX##_3_##NT_, PREFIX##_4_##NT_};
 #if QMM_AVX512
 /* 16 lanes and 32 registers: register tiles of 4 rows of x by 6 rows of w (24
  * accumulators), then 3 and 1 for the last rows of a tile. */
@@ -509,40 +526,16 @@ typedef void (*micro_fn)(const float *, const float *, int64_t, float *, int64_t
 #define MICRO16(MT_, NT_)                                                               \
     MICRO_KERNEL(micro16_##MT_##_##NT_, MT_, NT_, __m512, 16, _mm512_setzero_ps,        \
                  _mm512_loadu_ps, _mm512_fmadd_ps, _mm512_reduce_add_ps, PIN_ZMM)
-MICRO16(4, 6)
-MICRO16(3, 6)
-MICRO16(2, 6)
-MICRO16(1, 6)
-MICRO16(4, 3)
-MICRO16(3, 3)
-MICRO16(2, 3)
-MICRO16(1, 3)
-MICRO16(4, 1)
-MICRO16(3, 1)
-MICRO16(2, 1)
-MICRO16(1, 1)
-/* by columns of w (6, 3, 1), then rows of x (1..4) */
-static const micro_fn MICRO_W6[5] = {NULL, micro16_1_6, micro16_2_6, micro16_3_6, micro16_4_6};
-static const micro_fn MICRO_W3[5] = {NULL, micro16_1_3, micro16_2_3, micro16_3_3, micro16_4_3};
-static const micro_fn MICRO_W1[5] = {NULL, micro16_1_1, micro16_2_1, micro16_3_1, micro16_4_1};
-#define WIDE_W 6
+MICRO_COLUMN(MICRO_W6, MICRO16, micro16, 6)
+MICRO_COLUMN(MICRO_W3, MICRO16, micro16, 3)
+MICRO_COLUMN(MICRO_W1, MICRO16, micro16, 1)
 #else
 #define PIN_YMM(v) "+x"(v)
 #define MICRO(MT_, NT_)                                                                 \
     MICRO_KERNEL(micro_##MT_##_##NT_, MT_, NT_, __m256, 8, _mm256_setzero_ps,           \
                  _mm256_loadu_ps, _mm256_fmadd_ps, hsum, PIN_YMM)
-MICRO(4, 3)
-MICRO(3, 3)
-MICRO(2, 3)
-MICRO(1, 3)
-MICRO(4, 1)
-MICRO(3, 1)
-MICRO(2, 1)
-MICRO(1, 1)
-static const micro_fn MICRO_W6[5] = {NULL, NULL, NULL, NULL, NULL};
-static const micro_fn MICRO_W3[5] = {NULL, micro_1_3, micro_2_3, micro_3_3, micro_4_3};
-static const micro_fn MICRO_W1[5] = {NULL, micro_1_1, micro_2_1, micro_3_1, micro_4_1};
-#define WIDE_W 0
+MICRO_COLUMN(MICRO_W3, MICRO, micro, 3)
+MICRO_COLUMN(MICRO_W1, MICRO, micro, 1)
 #endif
 
 /* One tile: y[i0.., n0 + j] for its nr dequantized rows of w, all M rows of x. The
@@ -555,8 +548,9 @@ static void tile_product(const float *x, int64_t M, int64_t K, const float *wt, 
         const float *xi = x + i0 * K;
         float *yi = y + i0 * N + n0;
         int64_t j = 0;
-        if (WIDE_W)
-            for (; j + 6 <= nr; j += 6) MICRO_W6[mt](xi, wt + j * K, K, yi + j, N, accumulate);
+#if QMM_AVX512
+        for (; j + 6 <= nr; j += 6) MICRO_W6[mt](xi, wt + j * K, K, yi + j, N, accumulate);
+#endif
         for (; j + 3 <= nr; j += 3) MICRO_W3[mt](xi, wt + j * K, K, yi + j, N, accumulate);
         for (; j < nr; j++) MICRO_W1[mt](xi, wt + j * K, K, yi + j, N, accumulate);
     }
@@ -624,16 +618,8 @@ TILED(tiled_q8, int8_t, dequant_rows_q8, QK)
             __m512 w[NR_][2];                                                           \
             for (int r = 0; r < NR_; r++) {                                             \
                 const QTYPE *qb = q + r * qstride + b * (BYTES);                        \
-                DECODE(qb, w[r]);                                                       \
+                DEQUANT_BLOCK16(DECODE, qb, dr[r][b], mr[r] ? mr[r] + b : NULL, w[r]);  \
                 PREFETCH(qb);                                                           \
-                const __m512 dv = _mm512_set1_ps(dr[r][b]);                             \
-                w[r][0] = _mm512_mul_ps(w[r][0], dv);                                   \
-                w[r][1] = _mm512_mul_ps(w[r][1], dv);                                   \
-                if (mr[r]) {                                                            \
-                    const __m512 mv = _mm512_set1_ps(mr[r][b]);                         \
-                    w[r][0] = _mm512_add_ps(w[r][0], mv);                               \
-                    w[r][1] = _mm512_add_ps(w[r][1], mv);                               \
-                }                                                                       \
             }                                                                           \
             for (int i = 0; i < MT_; i++) {                                             \
                 __m512 x0 = _mm512_loadu_ps(x + i * K + b * QK);                        \

@@ -409,6 +409,19 @@ ROW2_GENERIC(row2_q8, int8_t, row_q8)
  * tile rather than once per group of rows, and each loaded vector feeds several FMAs.
  */
 #define TILE_BYTES (96 * 1024) /* dequantized rows per tile: about this many bytes */
+/* Below SMALL_TILE_ROWS rows of x the dequantizing, not the products, sets the pace:
+ * writing a 96 KiB tile goes out to L2 at ~3.2 ns a q4 block, a tile that stays in L1
+ * takes ~1.4 ns. The smaller tile is then read again by each group of four rows of x
+ * from L1. 16 and 32 rows of the default model's layers on a Xeon with AVX-512:
+ * 1.1-1.25x, bit-identical; at 512 rows the large tile is up to 1.2x faster. */
+#define SMALL_TILE_ROWS 128
+#if QMM_AVX512
+#define SMALL_TILE_BYTES (24 * 1024)
+#define TILE_ROW_STEP 6 /* rows of a tile: a multiple of the widest micro-kernel */
+#else
+#define SMALL_TILE_BYTES (16 * 1024) /* AVX2-only CPUs: often a 32 KiB L1 */
+#define TILE_ROW_STEP 3
+#endif
 
 static __thread float *tile_buf;
 static __thread size_t tile_cap;
@@ -561,26 +574,32 @@ static void tile_product(const float *x, int64_t M, int64_t K, const float *wt, 
     static int NAME(const float *x, int64_t M, int64_t K, const QTYPE *q, const void *d, \
                     const void *m, int f16, int64_t N, float *y, int accumulate) {      \
         const int64_t nb = K / QK;                                                      \
-        int64_t tr = TILE_BYTES / (K * (int64_t)sizeof(float));                         \
-        tr = tr < 3 ? 3 : tr - tr % 3;                                                  \
+        const int64_t bytes = M < SMALL_TILE_ROWS ? SMALL_TILE_BYTES : TILE_BYTES;      \
+        int64_t tr = bytes / (K * (int64_t)sizeof(float));                              \
+        tr = tr < TILE_ROW_STEP ? TILE_ROW_STEP : tr - tr % TILE_ROW_STEP;              \
         const int64_t ntiles = (N + tr - 1) / tr;                                       \
+        /* runs of tiles handed out one at a time, about four per thread: a static     \
+         * split leaves a core waiting for a whole run at the end of most layers (and  \
+         * for more when the other core is slowed by other work) */                     \
+        int64_t run = ntiles / (4 * omp_get_max_threads());                             \
+        run = run < 1 ? 1 : run;                                                        \
         int failed = 0;                                                                 \
-        /* tiles handed out one at a time: a static split leaves a core waiting for a  \
-         * whole tile at the end of most layers (and for more when the other core is   \
-         * slowed by other work) */                                                     \
         _Pragma("omp parallel for schedule(dynamic, 1)")                                \
-        for (int64_t t = 0; t < ntiles; t++) {                                          \
+        for (int64_t t0 = 0; t0 < ntiles; t0 += run) {                                  \
             float *wt = tile_scratch((size_t)(tr * K));                                 \
             if (!wt) {                                                                  \
                 failed = 1;                                                             \
                 continue;                                                               \
             }                                                                           \
-            const int64_t n0 = t * tr, nr = N - n0 < tr ? N - n0 : tr;                  \
             float dbuf[nb], mbuf[nb];                                                   \
-            for (int64_t r = 0; r < nr; r++)                                            \
-                DEQUANT(q + (n0 + r) * nb * (BYTES), row_scales(d, f16, n0 + r, nb, dbuf), \
-                        row_scales(m, f16, n0 + r, nb, mbuf), 1, nb, wt + r * K);       \
-            tile_product(x, M, K, wt, nr, y, N, n0, accumulate);                        \
+            for (int64_t t = t0; t < t0 + run && t < ntiles; t++) {                     \
+                const int64_t n0 = t * tr, nr = N - n0 < tr ? N - n0 : tr;              \
+                for (int64_t r = 0; r < nr; r++)                                        \
+                    DEQUANT(q + (n0 + r) * nb * (BYTES),                                \
+                            row_scales(d, f16, n0 + r, nb, dbuf),                       \
+                            row_scales(m, f16, n0 + r, nb, mbuf), 1, nb, wt + r * K);   \
+                tile_product(x, M, K, wt, nr, y, N, n0, accumulate);                    \
+            }                                                                           \
         }                                                                               \
         return failed ? -1 : 0;                                                         \
     }
@@ -600,10 +619,10 @@ TILED(tiled_q8, int8_t, dequant_rows_q8, QK)
  */
 #define REGS_MAX_ROWS 8 /* rows of x per pass */
 #define REGS_W 4        /* weight rows per pass */
-/* Up to this many rows the batch takes this path, in passes of up to 8 rows (measured
- * against the tiled path for a whole step's layers: 0.83x of its time at 8 rows,
- * 0.9-0.97x at 9 to 14, even at 16, 1.17x at 24). */
-#define REGS_AUTO_MAX 15
+/* Up to this many rows the batch takes this path (one pass). Measured against the
+ * tiled path with its L1-sized tiles, over a whole step's layers: 0.86-0.96x of its time
+ * at 4 to 8 rows, 1.16-1.23x at 9 to 16 (a pass of 8 and a short one). */
+#define REGS_AUTO_MAX 8
 
 /* MT_ rows of x (K apart) by NR_ weight rows (qstride apart): y[i, r] (+)= x_i . w_r. */
 #define REG_KERNEL(NAME, QTYPE, DECODE, BYTES, MT_, NR_)                                \

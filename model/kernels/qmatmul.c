@@ -553,7 +553,8 @@ MICRO_COLUMN(MICRO_W1, MICRO, micro, 1)
 
 /* One tile: y[i0.., n0 + j] for its nr dequantized rows of w, all M rows of x. The
  * rows of x go four at a time in the outer loop, so those four (at most 24 KiB at the
- * default model's widths) stay in L1 while the tile's rows stream past from L2. */
+ * default model's widths) stay in L1 while the tile's rows stream past (from L1 too
+ * below SMALL_TILE_ROWS rows of x, from L2 above). */
 static void tile_product(const float *x, int64_t M, int64_t K, const float *wt, int64_t nr,
                          float *y, int64_t N, int64_t n0, int accumulate) {
     for (int64_t i0 = 0; i0 < M; i0 += 4) {

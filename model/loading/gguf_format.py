@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import mmap
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,33 +161,36 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     ``gguf_headers_reused()`` a file's header is parsed once (callers must not
     modify it)."""
     path = Path(path)
-    if _reused is None:
+    reused: dict[tuple[str, int, int, int], GGUFHeader] | None = getattr(_local, "reused", None)
+    if reused is None:
         return _read_gguf_header(path)
     try:
         st = path.stat()
     except OSError as e:
         raise ModelFileError(path, f"cannot read the file ({e.strerror or e})") from None
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _reused:
-        _reused[key] = _read_gguf_header(path)
-    return _reused[key]
+    if key not in reused:
+        reused[key] = _read_gguf_header(path)
+    return reused[key]
 
 
-_reused: dict[tuple[str, int, int, int], GGUFHeader] | None = None
+# The headers kept inside gguf_headers_reused(), per thread: a block in one thread
+# neither sees another thread's nor ends it.
+_local = threading.local()
 
 
 @contextlib.contextmanager
 def gguf_headers_reused() -> Iterator[None]:
     """Loading a model reads its file's header for the weights and again for the
     tokenizer; within this block the second read reuses the first (a vocabulary of
-    49,152 tokens takes ~0.1 s to parse). The headers are dropped on leaving it."""
-    global _reused
-    outer = _reused
-    _reused = {} if outer is None else outer
+    49,152 tokens takes ~0.1 s to parse). The headers are dropped on leaving it. The
+    block holds for the calling thread only."""
+    outer = getattr(_local, "reused", None)
+    _local.reused = {} if outer is None else outer
     try:
         yield
     finally:
-        _reused = outer
+        _local.reused = outer
 
 
 def _read_gguf_header(path: Path) -> GGUFHeader:

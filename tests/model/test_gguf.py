@@ -575,3 +575,42 @@ def test_a_header_is_parsed_once_inside_gguf_headers_reused(monkeypatch, tmp_pat
     assert len(parsed) == 2
     gguf_format.read_gguf_header(path)  # outside the block: parsed again
     assert len(parsed) == 3
+
+
+def test_gguf_headers_reused_holds_for_its_own_thread_only(monkeypatch):
+    """Two loads in two threads: one thread's block ending does not end the other's, and
+    neither block leaves its headers behind once both have ended."""
+    import threading
+
+    from model.loading import gguf_format
+    from model.registry import DEFAULT_MODEL, resolve_model
+
+    parsed: list[str] = []
+    real = gguf_format._parse
+    monkeypatch.setattr(
+        gguf_format,
+        "_parse",
+        lambda cur: parsed.append(threading.current_thread().name) or real(cur),
+    )
+    path = resolve_model(DEFAULT_MODEL)
+    inside, ended = threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def other() -> None:
+        with gguf_format.gguf_headers_reused():
+            first = gguf_format.read_gguf_header(path)
+            inside.set()
+            ended.wait(timeout=30)  # the main thread's block has ended by now
+            seen.append(gguf_format.read_gguf_header(path) is first)
+
+    worker = threading.Thread(target=other, name="other")
+    worker.start()
+    assert inside.wait(timeout=30)
+    with gguf_format.gguf_headers_reused():
+        gguf_format.read_gguf_header(path)  # not the other thread's copy: parsed here
+    ended.set()
+    worker.join(timeout=30)
+    assert seen == [True]  # the other block still reused its own header
+    assert sorted(parsed) == ["MainThread", "other"]
+    gguf_format.read_gguf_header(path)  # no block open anywhere: parsed again
+    assert len(parsed) == 3

@@ -199,6 +199,8 @@ TARGETS: list[Target] = [
            "http_decode_1", "llama_decode", beside="{http_decode_1} vs {llama_decode} tok/s"),
     Target(10, "TTFT at concurrency 1 vs llama.cpp's prompt evaluation", 1.0, "max", "x",
            "ttft_c1", "llama_prompt_ms", beside="{ttft_c1} ms vs {llama_prompt_ms} ms"),
+    Target(10, "HTTP: 16 concurrent streams vs 1 stream (output tokens/s)", 4.0, "min", "x", "http_16",
+           "http_1", beside="{http_16} vs {http_1} tok/s"),
     Target(10, "HTTP: 16 concurrent streams vs llama.cpp's single stream", 2.0, "min", "x",
            "http_16", "llama_tps", beside="{http_16} vs {llama_tps} tok/s"),
     Target(10, "RSS of the server once ready", 450.0, "max", "MiB", "rss_ready"),

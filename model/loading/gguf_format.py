@@ -156,12 +156,18 @@ class _Cursor:
             raise self.fail(f"a string in the array is not valid UTF-8 ({e.reason})", key) from None
 
 
+# The headers kept inside gguf_headers_reused(), per thread (by path, size, mtime and
+# inode): a block in one thread neither sees another thread's nor ends it.
+_Headers = dict[tuple[str, int, int, int], GGUFHeader]
+_local = threading.local()
+
+
 def read_gguf_header(path: str | Path) -> GGUFHeader:
     """Parse and validate a GGUF file's header; tensor data is not read. Inside
     ``gguf_headers_reused()`` a file's header is parsed once (callers must not
     modify it)."""
     path = Path(path)
-    reused: dict[tuple[str, int, int, int], GGUFHeader] | None = getattr(_local, "reused", None)
+    reused: _Headers | None = getattr(_local, "reused", None)
     if reused is None:
         return _read_gguf_header(path)
     try:
@@ -172,11 +178,6 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     if key not in reused:
         reused[key] = _read_gguf_header(path)
     return reused[key]
-
-
-# The headers kept inside gguf_headers_reused(), per thread: a block in one thread
-# neither sees another thread's nor ends it.
-_local = threading.local()
 
 
 @contextlib.contextmanager

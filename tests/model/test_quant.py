@@ -99,9 +99,10 @@ def assert_matmul_close(got: torch.Tensor, x: torch.Tensor, w: QuantizedWeight, 
 def test_matmul_equals_dequantize_then_matmul(kernels, kind, with_min, f16, n, k, rows, path):
     """Every batch path of each build, forced at every row count: the row kernels; the
     tiled one (AVX2, AVX-512) that dequantizes a tile of weight rows (one that stays in
-    L1 below 128 rows of x, a larger one from 128) and multiplies register tiles of 4 rows of x by 3 rows of W (8 lanes) or by 6, 3 and 1 (16 lanes);
-    the register one (AVX-512) that decodes 4 rows of W into registers for up to 8 rows
-    of x. A path a build lacks runs its row kernels. The shapes leave every remainder of
+    L1 below 128 rows of x, a larger one from 128) and multiplies register tiles of 4
+    rows of x by 3 rows of W (8 lanes) or by 6, 3 and 1 (16 lanes); the register one
+    (AVX-512) that decodes 4 rows of W into registers for up to 8 rows of x. A path a
+    build lacks runs its row kernels. The shapes leave every remainder of
     rows of x (past multiples of 4 and of 8), rows of W (past 6, 4 and 3) and lanes."""
     previous = kernels.lib.qmm_force_path(PATHS[path])
     try:

@@ -36,7 +36,7 @@ from model.loading.gguf_families import (
 )
 from model.loading.gguf_format import GGUFHeader, GGUFTensorInfo, read_gguf_header
 from model.loading.plan import Part, Plan, check_layer_count, check_plan, copy_rows
-from model.loading.repack import KEPT_TYPES, join_rows, repack
+from model.loading.repack import FIELD_TYPES, KEPT_TYPES, join_rows, repack, repack_fields
 from model.quant import QUANTIZE_TO, QuantizedWeight, WeightsMode
 
 
@@ -333,6 +333,13 @@ def _keepable(param: _Param) -> bool:
 
 def _repack(data: np.ndarray, param: _Param) -> QuantizedWeight:
     """One parameter's parts, rows fixed on their raw bytes, kept in their blocks."""
+    qtypes = {info.qtype for info in param.infos}
+    if len(qtypes) == 1 and (qtype := qtypes.pop()) in FIELD_TYPES:
+        parts = [
+            (_raw(data, i), i.shape[0], p.heads)
+            for i, p in zip(param.infos, param.parts, strict=True)
+        ]
+        return repack_fields(qtype, parts)
     weights = []
     for info, part in zip(param.infos, param.parts, strict=True):
         src = _raw(data, info).reshape(info.shape[0], -1)

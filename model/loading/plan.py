@@ -92,6 +92,9 @@ def copy_rows(dst: np.ndarray, src: np.ndarray, heads: int = 0) -> None:
     """
     if heads:
         n = src.shape[0]
-        src = src.reshape(heads, n // heads // 2, 2, -1).swapaxes(1, 2)  # (heads, 2, half, width)
-        dst = dst.reshape(src.shape)
+        half, rest = n // heads // 2, src.shape[1:]
+        # Only dim 0 is split, so both stay views whatever their strides (``src`` may
+        # be a field of raw blocks): (heads, 2, half, ...) in both.
+        src = src.reshape(heads, half, 2, *rest).swapaxes(1, 2)
+        dst = dst.reshape(heads, 2, half, *dst.shape[1:])
     dst[...] = src

@@ -8,8 +8,9 @@ dequantizing the result gives the same values (``model.quant``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 from torch import Tensor
@@ -22,7 +23,8 @@ from model.loading.dequant import (
     _low_nibbles_k,
     _split_nibbles,
 )
-from model.quant import QK, QuantizedWeight, compact_scales, pack_q4, unpack_q4
+from model.loading.plan import copy_rows
+from model.quant import QK, Kind, QuantizedWeight, compact_scales, pack_q4, unpack_q4
 
 
 def _q4_0(b: Tensor, n: int) -> QuantizedWeight:  # d * (q - 8) = d * q + (-8 d), both exact
@@ -96,6 +98,44 @@ def repack(blocks: Tensor, qtype: GGMLQuantizationType, rows: int) -> QuantizedW
             None if weight.m is None else weight.m.contiguous().clone(),
         )
     )
+
+
+# Types whose blocks already hold their fields as we keep them (scales in float16,
+# values in our order): each field is copied once, straight out of the file.
+_FIELDS: dict[GGMLQuantizationType, tuple[Kind, np.dtype]] = {
+    GGMLQuantizationType.Q4_0: ("q4", np.dtype([("d", "<f2"), ("qs", "V16")])),
+    GGMLQuantizationType.Q4_1: ("q4", np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "V16")])),
+    GGMLQuantizationType.Q8_0: ("q8", np.dtype([("d", "<f2"), ("qs", "V32")])),
+}
+FIELD_TYPES = frozenset(_FIELDS)
+
+
+def repack_fields(
+    qtype: GGMLQuantizationType, parts: Sequence[tuple[np.ndarray, int, int]]
+) -> QuantizedWeight:
+    """``parts`` of one type in ``FIELD_TYPES`` (raw bytes, rows, RoPE heads to undo as
+    ``copy_rows`` does), stacked along N: what ``repack`` then ``join_rows`` give, value
+    for value and dtype for dtype, with one copy of each byte instead of four."""
+    kind, layout = _FIELDS[qtype]
+    n = sum(rows for _, rows, _ in parts)
+    nb = parts[0][0].size // layout.itemsize // parts[0][1]
+    fields = {name: np.empty((n, nb), layout[name]) for name in layout.names or ()}
+    row = 0
+    for raw, rows, heads in parts:
+        blocks = raw.view(layout).reshape(rows, nb)
+        for name, out in fields.items():
+            copy_rows(out[row : row + rows], blocks[name], heads)
+        row += rows
+    qs = torch.from_numpy(fields["qs"].view(np.uint8 if kind == "q4" else np.int8))
+    d = torch.from_numpy(fields["d"])
+    if qtype == GGMLQuantizationType.Q4_0:  # d * (q - 8): the offset -8 d, as _q4_0 forms it
+        d32 = d.float()
+        return compact_scales(QuantizedWeight(kind, qs, d32, -8.0 * d32))
+    m = torch.from_numpy(fields["m"]) if "m" in fields else None
+    if d.isnan().any() or (m is not None and m.isnan().any()):
+        # compact_scales keeps float32 scales that do not compare equal to themselves
+        return QuantizedWeight(kind, qs, d.float(), None if m is None else m.float())
+    return QuantizedWeight(kind, qs, d, m)
 
 
 def common_kind(kinds: set[str]) -> str:

@@ -23,7 +23,8 @@ from model.kernels import Kernels
 from model.kv_cache import ForwardBatch, KVCache
 from model.loading import load_gguf
 from model.loading.dequant import dequantize
-from model.loading.repack import KEPT_TYPES, join_rows, repack
+from model.loading.plan import copy_rows
+from model.loading.repack import FIELD_TYPES, KEPT_TYPES, join_rows, repack, repack_fields
 from model.quant import QK, QuantizedWeight, QuantLinear, quantize
 
 RNG = np.random.default_rng(7)
@@ -189,6 +190,44 @@ def test_repacked_blocks_dequantize_to_the_reference_values(qtype):
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
     if qtype != Q.Q4_0:
         np.testing.assert_array_equal(got.numpy().view(np.uint32), expected.numpy().view(np.uint32))
+
+
+def _repacked_one_by_one(qtype: Q, parts: list[tuple[np.ndarray, int, int]]) -> QuantizedWeight:
+    """The general path: each part's rows fixed on its raw bytes, repacked, then joined."""
+    weights = []
+    for raw, rows, heads in parts:
+        fixed = np.empty_like(raw.reshape(rows, -1))
+        copy_rows(fixed, raw.reshape(rows, -1), heads)
+        blocks = torch.from_numpy(fixed).view(-1, gguf.GGML_QUANT_SIZES[qtype][1])
+        weights.append(repack(blocks, qtype, rows))
+    return join_rows(weights)
+
+
+@pytest.mark.parametrize("scales", ["finite", "overflow", "nan"])
+@pytest.mark.parametrize("qtype", sorted(FIELD_TYPES), ids=lambda q: q.name)
+def test_blocks_copied_field_by_field_equal_the_general_repack(qtype, scales):
+    """q, k and v as the loader joins them: 4 and 2 heads to un-permute, then 8 plain
+    rows. Same kind, same bytes, same scale dtypes (float32 where the general path
+    keeps them: Q4_0's -8 d past float16's range, a NaN scale)."""
+    cols = 96
+    parts = []
+    for rows, heads in ((16, 4), (8, 2), (8, 0)):
+        raw = random_blocks(qtype, rows, cols).numpy()
+        if scales == "overflow":
+            raw[3, :2] = np.array([60000.0], np.float16).view(np.uint8)
+        if scales == "nan":
+            raw[5, :2] = np.array([np.nan], np.float16).view(np.uint8)
+        parts.append((raw.reshape(-1), rows, heads))
+    expected = _repacked_one_by_one(qtype, parts)
+    got = repack_fields(qtype, parts)
+    assert got.kind == expected.kind
+    for name in ("qs", "d", "m"):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape, name
+            assert a.is_contiguous(), name
+            np.testing.assert_array_equal(a.numpy().view(np.uint8), b.numpy().view(np.uint8))
 
 
 def test_joined_parts_of_mixed_kinds_keep_their_values():

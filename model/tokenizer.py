@@ -617,11 +617,16 @@ def _byte_level_bpe(
     tokens: list[str], merges: list[str], types: list[int], pre: Any, path: Path | str
 ) -> _Backend:
     # A token not spelled in the byte alphabet is stored as plain text: respell
-    # its UTF-8 bytes so BPE can find it (as transformers' GGUF import does).
-    vocab = {
-        t if set(t) <= _BYTE_ALPHABET else "".join(_BYTE_TO_CHAR[b] for b in t.encode()): i
-        for i, t in enumerate(tokens)
-    }
+    # its UTF-8 bytes so BPE can find it (as transformers' GGUF import does). One
+    # test over all the text first: most vocabularies need no respelling, and token
+    # by token the test takes ~35 ms of start-up for 49,152 tokens.
+    if set("".join(tokens)) <= _BYTE_ALPHABET:
+        vocab = dict(zip(tokens, range(len(tokens)), strict=True))
+    else:
+        vocab = {
+            t if set(t) <= _BYTE_ALPHABET else "".join(_BYTE_TO_CHAR[b] for b in t.encode()): i
+            for i, t in enumerate(tokens)
+        }
     pairs = [_merge_pair(m, path) for m in merges]
     try:
         backend = _Backend(BPE(vocab=vocab, merges=pairs, fuse_unk=False))

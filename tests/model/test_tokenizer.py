@@ -401,6 +401,42 @@ def test_dir_with_broken_tokenizer_json(tmp_path: Path) -> None:
         Tokenizer.from_dir(tmp_path)
 
 
+def _byte_level_gguf(path: Path, extra: list[str]) -> Path:
+    """A byte-level BPE vocabulary: GPT-2's 256 byte tokens, "he" from one merge, then
+    ``extra`` (tokens GGUF may hold in plain text rather than the byte alphabet)."""
+    from model.tokenizer import _BYTE_TO_CHAR
+
+    tokens = [_BYTE_TO_CHAR[b] for b in range(256)] + ["he", *extra]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["h e"])
+    writer.add_token_types([1] * len(tokens))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra", [[], ["x y"], ["caf\u00e9", "\u20ac5", "xyz"]], ids=["alphabet", "space", "utf8"]
+)
+def test_gguf_tokens_outside_the_byte_alphabet_are_respelled(tmp_path: Path, extra) -> None:
+    """Token ids stay the file's, whether every token is in the byte alphabet or not
+    ("caf\u00e9" is: \u00e9 is the byte 0xE9's own letter; "\u20ac" is not)."""
+    t = Tokenizer.from_gguf(_byte_level_gguf(tmp_path / "bpe.gguf", extra))
+    backend = t._backend
+    assert backend.token_to_id("he") == 256
+    assert t.encode("he", add_special_tokens=False) == [256]
+    assert backend.token_to_id("\u0120") == ord(" ") and backend.token_to_id("!") == ord("!")
+    alphabet = {backend.id_to_token(b) for b in range(256)}  # id b: byte b
+    for i, text in enumerate(extra, start=257):
+        respelled = "".join(backend.id_to_token(b) for b in text.encode())
+        assert backend.token_to_id(text if set(text) <= alphabet else respelled) == i, text
+    assert backend.token_to_id("x\u0120y") == (257 if extra == ["x y"] else None)
+
+
 def test_gguf_without_tokenizer_metadata(tmp_path: Path) -> None:
     path = tmp_path / "empty.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")

@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
+
+from model.loading.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 
 QK_K = 256  # values per K-quant super-block
 _NIBBLE_SHIFTS = torch.tensor([0, 4], dtype=torch.uint8)

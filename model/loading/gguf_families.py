@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
 from model.config import Arch, ConfigError, LayerType, RopeScaling
 from model.families import gemma3_layer_types
 from model.loading.errors import ModelFileError
+from model.loading.ggml_types import GGMLQuantizationType
 from model.loading.gguf_format import GGUFHeader
 
 # general.architecture -> our family

@@ -21,13 +21,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import Tensor
 
 from model.config import LIMITS, ConfigError, ModelConfig
 from model.gpt import GPT, WeightsError
 from model.loading.dequant import FLOAT_TYPES, SUPPORTED_TYPES, dequantize
 from model.loading.errors import ModelConfigFileError, ModelFileError
+from model.loading.ggml_types import GGML_QUANT_SIZES, GGMLQuantizationType
 from model.loading.gguf_families import (
     ARCHITECTURES,
     INTERLEAVED_QK,

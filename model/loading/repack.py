@@ -12,7 +12,6 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 from torch import Tensor
 
 from model.loading.dequant import (
@@ -23,6 +22,7 @@ from model.loading.dequant import (
     _low_nibbles_k,
     _split_nibbles,
 )
+from model.loading.ggml_types import GGMLQuantizationType
 from model.loading.plan import copy_rows
 from model.quant import QK, Kind, QuantizedWeight, compact_scales, pack_q4, unpack_q4
 
